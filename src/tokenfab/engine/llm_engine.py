@@ -1,0 +1,255 @@
+"""The synchronous engine: add requests, step, get outputs. One step = schedule, run the model, sample, detokenise.
+
+It is not thread-safe; `AsyncEngine` runs it on its own thread and talks to it through queues.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tokenfab.engine.block_manager import BlockManager
+from tokenfab.engine.config import EngineConfig
+from tokenfab.engine.loader import LoadedModel, load_model
+from tokenfab.engine.model import LlamaModel
+from tokenfab.engine.model_runner import ModelRunner
+from tokenfab.engine.sampling import Sampler, SamplingParams
+from tokenfab.engine.scheduler import Scheduler
+from tokenfab.engine.sequence import Sequence, Status
+
+log = logging.getLogger("tokenfab.engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run as asked (too long for the context or the cache); 400 at HTTP."""
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request (deltas), plus totals once it finishes."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    time_s: float  # monotonic time at which this output was produced
+
+
+@dataclass(frozen=True)
+class StepStats:
+    step_s: float
+    num_tokens: int
+    num_seqs: int
+    num_decode: int
+
+
+def resolve_dtype(config: EngineConfig) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.bfloat16
+    try:
+        return DTYPES[config.dtype]
+    except KeyError:
+        raise ValueError(f"dtype {config.dtype!r} is not one of auto, {', '.join(DTYPES)}") from None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        t0 = time.monotonic()
+        self.loaded = loaded or load_model(config)
+        self.tokenizer = self.loaded.tokenizer
+        self.dtype = resolve_dtype(config)
+        device = torch.device(config.device)
+        args = self.loaded.args
+        self.model = LlamaModel(args, self.loaded.weights, self.dtype, device, config.linear_kernel, config.int8_max_tokens)
+        self.max_model_len = min(config.max_model_len, args.max_position)
+        num_blocks = config.num_kv_blocks
+        if num_blocks <= 0:
+            per_token = 2 * args.num_layers * args.num_kv_heads * args.head_dim * torch.finfo(self.dtype).bits // 8
+            num_blocks = int(config.kv_cache_gb * 2**30 // (per_token * config.block_size))
+            num_blocks = min(num_blocks, config.max_num_seqs * -(-self.max_model_len // config.block_size))
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.sampler = Sampler()
+        self.vocab_limit = min(args.vocab_size, self.tokenizer.vocab_size)
+        self.seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.last_step: StepStats | None = None
+        self.load_s = time.monotonic() - t0
+        log.info(
+            "engine ready: %s (%s%s), %s, %d KV blocks x %d tokens, loaded in %.1fs",
+            self.loaded.name,
+            self.loaded.source,
+            ", SYNTHETIC" if self.loaded.synthetic else "",
+            str(self.dtype).replace("torch.", ""),
+            num_blocks,
+            config.block_size,
+            self.load_s,
+        )
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.block_manager.block_size
+
+    # --- requests ------------------------------------------------------------------------------
+    def check_request(self, num_prompt: int, params: SamplingParams) -> None:
+        total = num_prompt + params.max_tokens
+        if num_prompt == 0:
+            raise RequestError("the prompt is empty: give at least one token of input")
+        if total > self.max_model_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {total} were requested "
+                f"({num_prompt} in the prompt, {params.max_tokens} for the completion); shorten the prompt or lower max_tokens"
+            )
+        if total > self.kv_capacity_tokens:
+            raise RequestError(
+                f"the request needs {total} KV-cache slots ({num_prompt} prompt + {params.max_tokens} completion) "
+                f"but the cache holds {self.kv_capacity_tokens}; lower max_tokens or raise kv_cache_gb"
+            )
+
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, priority: int = 0
+    ) -> str:
+        self.check_request(len(prompt_ids), params)
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.seqs:
+            raise RequestError(f"request id {rid!r} is already in use")
+        seq = Sequence(rid, list(prompt_ids), len(prompt_ids), params, priority=priority)
+        seq.prefix_offset = max(0, seq.prompt_len - 5)
+        self.seqs[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is None or seq.is_finished:
+            return None
+        self.scheduler.remove(seq)
+        seq.finish_reason = "abort"
+        return self._output(seq, (), "", time.monotonic())
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # --- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.monotonic()
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        logits, sample_seqs = self.runner.run(scheduled)
+        for seq, n in scheduled:
+            seq.num_computed += n
+            self.block_manager.register_computed(seq)
+        outputs: list[RequestOutput] = []
+        if sample_seqs:
+            logits = logits[:, : self.vocab_limit]
+            blocked = [self._blocked(s) for s in sample_seqs]
+            toks = self.sampler(
+                logits, [s.params for s in sample_seqs], [s.generator for s in sample_seqs],
+                [s.output_ids for s in sample_seqs], blocked,
+            )
+            now = time.monotonic()
+            for seq, tok in zip(sample_seqs, toks):
+                outputs.append(self._append(seq, tok, now))
+        self.last_step = StepStats(
+            time.monotonic() - t0, sum(n for _, n in scheduled), len(scheduled), sum(1 for _, n in scheduled if n == 1)
+        )
+        return outputs
+
+    def _blocked(self, seq: Sequence) -> tuple[int, ...]:
+        if seq.params.min_tokens and seq.num_output < seq.params.min_tokens:
+            return tuple(self.tokenizer.eos_token_ids) + seq.params.stop_token_ids
+        return ()
+
+    def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
+        if seq.first_token_s is None:
+            seq.first_token_s = now
+        seq.token_ids.append(tok)
+        p = seq.params
+        if (tok in self.tokenizer.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            seq.finish_reason = "stop"
+        else:
+            self._detokenize(seq)
+            if seq.finish_reason is None and (seq.num_output >= p.max_tokens or len(seq) >= self.max_model_len):
+                seq.finish_reason = "length"
+        if seq.finish_reason is None and seq.num_output >= p.max_tokens:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.scheduler.remove(seq)
+            self.seqs.pop(seq.seq_id, None)
+            confirmed = len(seq.text)
+        else:
+            confirmed = len(seq.text) - _holdback(seq.text, p.stop)
+        delta = seq.text[seq.emitted_chars : confirmed]
+        seq.emitted_chars = max(seq.emitted_chars, confirmed)
+        return self._output(seq, (tok,), delta, now)
+
+    def _detokenize(self, seq: Sequence) -> None:
+        ids = seq.token_ids
+        prefix = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset])
+        full = self.tokenizer.decode(ids[seq.prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return
+        delta = full[len(prefix) :]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        before = len(seq.text)
+        seq.text += delta
+        if seq.params.stop:
+            longest = max(len(s) for s in seq.params.stop)
+            lo = max(0, before - longest + 1)
+            hits = [i for i in (seq.text.find(s, lo) for s in seq.params.stop) if i >= 0]
+            if hits:
+                seq.text = seq.text[: min(hits)]
+                seq.finish_reason = "stop"
+
+    def _output(self, seq: Sequence, toks: tuple[int, ...], delta: str, now: float) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.seq_id,
+            token_ids=toks,
+            text=delta,
+            finished=seq.finish_reason is not None,
+            finish_reason=seq.finish_reason,
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=seq.num_output,
+            cached_tokens=seq.num_cached_prompt,
+            time_s=now,
+        )
+
+    # --- convenience for tests and benchmarks --------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion together; return each one's output token ids."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        rids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        out: dict[str, list[int]] = {r: [] for r in rids}
+        pending = set(rids)
+        while pending:
+            for o in self.step():
+                out[o.request_id].extend(o.token_ids)
+                if o.finished:
+                    pending.discard(o.request_id)
+        return [out[r] for r in rids]
+
+
+def _holdback(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

@@ -1,0 +1,78 @@
+"""Turns a scheduled step (sequences and token counts) into tensors, runs the model, and returns logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tokenfab.engine.model import AttnGroup, LlamaModel, StepBatch
+from tokenfab.engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.kv = model.allocate_kv(num_blocks * block_size)
+        self.device = model.device
+        self._offsets = np.arange(block_size, dtype=np.int64)
+
+    def _slots(self, seq: Sequence, upto: int) -> np.ndarray:
+        bt = np.asarray(seq.block_table, dtype=np.int64)
+        return (bt[:, None] * self.block_size + self._offsets[None, :]).ravel()[:upto]
+
+    def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+        """Compute the scheduled tokens; return logits for the sequences that completed their input."""
+        ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        logits_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        dec: list[tuple[int, Sequence, int]] = []
+        prefills = []
+        row = 0
+        dev = self.device
+        for seq, n in scheduled:
+            start = seq.num_computed
+            end = start + n
+            ids.extend(seq.token_ids[start:end])
+            ctx = self._slots(seq, end)
+            positions.append(np.arange(start, end, dtype=np.int64))
+            slots.append(ctx[start:end])
+            if end == len(seq):
+                logits_rows.append(row + n - 1)
+                sample_seqs.append(seq)
+            if n == 1:
+                dec.append((row, seq, end))
+            elif start == 0:
+                prefills.append((row, n, None, None))
+            else:
+                q_pos = np.arange(start, end)[:, None]
+                mask = torch.from_numpy(np.arange(end)[None, :] <= q_pos).to(dev)
+                prefills.append((row, n, torch.from_numpy(ctx).to(dev), mask))
+            row += n
+        group = AttnGroup(None, None, None, 0, prefills)
+        if dec:
+            lmax = max(L for _, _, L in dec)
+            gather = np.zeros((len(dec), lmax), dtype=np.int64)
+            lens = np.empty(len(dec), dtype=np.int64)
+            for i, (_, seq, L) in enumerate(dec):
+                gather[i, :L] = self._slots(seq, L)
+                lens[i] = L
+            mask = np.arange(lmax)[None, :] < lens[:, None]
+            group = AttnGroup(
+                torch.tensor([r for r, _, _ in dec], device=dev),
+                torch.from_numpy(gather.ravel()).to(dev),
+                torch.from_numpy(mask).to(dev).view(len(dec), 1, 1, lmax),
+                lmax,
+                prefills,
+            )
+        batch = StepBatch(
+            input_ids=torch.tensor(ids, device=dev),
+            positions=torch.from_numpy(np.concatenate(positions)).to(dev),
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            logits_rows=torch.tensor(logits_rows, device=dev, dtype=torch.long),
+            attn=group,
+        )
+        logits = self.model.forward(batch, self.kv)
+        return logits, sample_seqs

@@ -1,0 +1,112 @@
+"""Text <-> token ids and chat templates, built from a GGUF's metadata, a tokenizer.json, or bytes (synthetic)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class TextTokenizer:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        chat_template: str | None,
+        eos_token_ids: set[int],
+        bos_token: str = "",
+        eos_token: str = "",
+        add_bos: bool = False,
+        bos_token_id: int | None = None,
+    ) -> None:
+        self.tok = tokenizer
+        self.chat_template = chat_template
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.add_bos = add_bos
+        self.bos_token_id = bos_token_id
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        self._template = env.from_string(chat_template) if chat_template else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            raise ValueError("this model has no chat template; use /v1/completions")
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)
+
+
+def from_gguf_fields(fields: dict[str, Any]) -> TextTokenizer:
+    """Build a byte-level BPE tokenizer from GGUF metadata (tokenizer.ggml.*)."""
+    model = fields["tokenizer.ggml.model"]
+    if model != "gpt2":
+        raise ValueError(f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE 'gpt2')")
+    tokens: list[str] = fields["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    types: list[int] = fields.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if fields.get("tokenizer.ggml.pre") in ("smollm", "starcoder", "refact", "command-r"):
+        pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    tok.decoder = decoders.ByteLevel()
+    specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+    tok.add_special_tokens(specials)
+    bos_id = fields.get("tokenizer.ggml.bos_token_id")
+    eos_id = fields.get("tokenizer.ggml.eos_token_id")
+    eos_ids = {int(eos_id)} if eos_id is not None else set()
+    for name in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        if fields.get(name) is not None:
+            eos_ids.add(int(fields[name]))
+    if "<|im_end|>" in vocab:
+        eos_ids.add(vocab["<|im_end|>"])
+    return TextTokenizer(
+        tok,
+        fields.get("tokenizer.chat_template"),
+        eos_ids,
+        bos_token=tokens[bos_id] if bos_id is not None else "",
+        eos_token=tokens[eos_id] if eos_id is not None else "",
+        add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+        bos_token_id=int(bos_id) if bos_id is not None else None,
+    )
+
+
+def synthetic_tokenizer() -> TextTokenizer:
+    """A byte-level tokenizer that needs no files: 256 byte tokens plus ChatML specials."""
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(byte_chars))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    ids = {s: tok.token_to_id(s) for s in specials}
+    return TextTokenizer(tok, CHATML_TEMPLATE, {ids["<|endoftext|>"], ids["<|im_end|>"]}, eos_token="<|im_end|>")
