@@ -78,7 +78,7 @@ class AttnGroup:
 
     dec_rows: torch.Tensor | None  # [Bd] indices into the flat token batch
     dec_slots: torch.Tensor | None  # [Bd * Lmax] cache slots to gather
-    dec_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool
+    dec_bias: torch.Tensor | None  # [1, Bd, 1, Lmax] float32: 0 for real keys, -inf for padding
     dec_len: int
     # (row start, n rows, ctx slots or None when the chunk is the whole context, mask or None for causal)
     prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]
@@ -139,7 +139,8 @@ class LlamaModel:
 
     def allocate_kv(self, num_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         a = self.args
-        shape = (num_slots, a.num_kv_heads, a.head_dim)
+        # [kv heads, slots, head dim]: a gather of slots is then already batched by (kv head, sequence)
+        shape = (a.num_kv_heads, num_slots, a.head_dim)
         return [
             (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in range(a.num_layers)
@@ -154,6 +155,21 @@ class LlamaModel:
         # rotate-half ("neox") layout, as in Hugging Face checkpoints; GGUF Q/K are un-permuted at load
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def _decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttnGroup) -> torch.Tensor:
+        """One query per sequence over its paged context: two batched matmuls per (kv head, sequence).
+
+        Cheaper on CPU than SDPA with a padding mask, which materialises and converts the mask per call.
+        """
+        a = self.args
+        kvh, hd, rep = a.num_kv_heads, a.head_dim, a.num_heads // a.num_kv_heads
+        bd, lmax = q.shape[0], g.dec_len
+        keys = k_cache.index_select(1, g.dec_slots).view(kvh * bd, lmax, hd)
+        vals = v_cache.index_select(1, g.dec_slots).view(kvh * bd, lmax, hd)
+        qq = q.view(bd, kvh, rep, hd).transpose(0, 1).reshape(kvh * bd, rep, hd)
+        scores = torch.bmm(qq, keys.transpose(1, 2)).view(kvh, bd, rep, lmax).float()
+        probs = scores.mul_(hd**-0.5).add_(g.dec_bias).softmax(-1).to(q.dtype).view(kvh * bd, rep, lmax)
+        return torch.bmm(probs, vals).view(kvh, bd, rep, hd).transpose(0, 1).reshape(bd, kvh * rep, hd)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -171,24 +187,19 @@ class LlamaModel:
             v = qkv[:, self.q_size + self.kv_size :].view(t, kvh, hd)
             q = self._apply_rope(q, cos, sin)
             k = self._apply_rope(k, cos, sin)
-            k_cache.index_copy_(0, batch.slot_mapping, k)
-            v_cache.index_copy_(0, batch.slot_mapping, v)
+            k_cache.index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
+            v_cache.index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
             out = torch.empty(t, h, hd, dtype=x.dtype, device=x.device)
             if g.dec_rows is not None:
-                bd = g.dec_rows.shape[0]
-                qd = q.index_select(0, g.dec_rows).view(bd, h, 1, hd)
-                kd = k_cache.index_select(0, g.dec_slots).view(bd, g.dec_len, kvh, hd).transpose(1, 2)
-                vd = v_cache.index_select(0, g.dec_slots).view(bd, g.dec_len, kvh, hd).transpose(1, 2)
-                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.dec_mask, enable_gqa=True)
-                out.index_copy_(0, g.dec_rows, od.view(bd, h, hd))
+                out.index_copy_(0, g.dec_rows, self._decode_attention(q.index_select(0, g.dec_rows), k_cache, v_cache, g))
             for start, n, slots, mask in g.prefills:
                 qp = q[start : start + n].transpose(0, 1).unsqueeze(0)
                 if slots is None:
                     kp = k[start : start + n].transpose(0, 1).unsqueeze(0)
                     vp = v[start : start + n].transpose(0, 1).unsqueeze(0)
                 else:
-                    kp = k_cache.index_select(0, slots).transpose(0, 1).unsqueeze(0)
-                    vp = v_cache.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+                    kp = k_cache.index_select(1, slots).unsqueeze(0)
+                    vp = v_cache.index_select(1, slots).unsqueeze(0)
                 if mask is None:
                     op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
                 else:

@@ -59,11 +59,11 @@ class ModelRunner:
             for i, (_, seq, L) in enumerate(dec):
                 gather[i, :L] = self._slots(seq, L)
                 lens[i] = L
-            mask = np.arange(lmax)[None, :] < lens[:, None]
+            bias = np.where(np.arange(lmax)[None, :] < lens[:, None], 0.0, -np.inf).astype(np.float32)
             group = AttnGroup(
                 torch.tensor([r for r, _, _ in dec], device=dev),
                 torch.from_numpy(gather.ravel()).to(dev),
-                torch.from_numpy(mask).to(dev).view(len(dec), 1, 1, lmax),
+                torch.from_numpy(bias).to(dev).view(1, len(dec), 1, lmax),
                 lmax,
                 prefills,
             )
