@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import typing
 
 from tokenfab.config import ConfigError, Settings, all_keys, load_settings
@@ -61,15 +63,32 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(f"tokenfab serve: {exc}") from None
     engine = AsyncEngine(core)
-    engine.start()
     app = build_app(settings, engine)
     label = " [SYNTHETIC weights: text is noise]" if core.loaded.synthetic else ""
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.server.host, port=settings.server.port, log_level=settings.server.log_level)
+    )
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        finally:
+            engine.shutdown()  # the HTTP server is gone (stopped, or failed to bind): stop the engine too
+
+    def on_signal(signum: int, frame: object) -> None:
+        server.should_exit = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    http = threading.Thread(target=serve_http, name="tokenfab-http")
+    http.start()
     print(
         f"tokenfab: serving {app.state.gateway.model_name}{label} on http://{settings.server.host}:{settings.server.port}/v1",
         flush=True,
     )
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level=settings.server.log_level)
-    return 0
+    engine.run()  # the engine loop owns the main thread
+    http.join()
+    return 0 if server.started else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,8 @@
-"""Runs an LLMEngine on its own thread so the event loop never blocks; streams outputs to asyncio tasks.
+"""Runs an LLMEngine off the event loop so it never blocks; streams outputs to asyncio tasks.
+
+`run()` drives the engine in the calling thread (`tokenfab serve` gives it the main thread and
+runs the HTTP server on another: measured on this CPU, torch's parallel kernels run up to 2x slower
+from a non-main thread); `start()` drives it on a thread of its own (tests, embedding).
 
 Requests and aborts go in through a thread-safe queue; each step's outputs come back to the
 event loop in one `call_soon_threadsafe`. A step that raises fails the requests it held (they
@@ -49,10 +53,15 @@ class AsyncEngine:
     def start(self) -> None:
         self._thread.start()
 
+    def run(self) -> None:
+        """Drive the engine in the calling thread until `shutdown()`."""
+        self._run()
+
     def shutdown(self) -> None:
         self._stop.set()
         self._inbox.put(("wake",))
-        self._thread.join(timeout=10)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
 
     # --- requests ------------------------------------------------------------------------------
     @property

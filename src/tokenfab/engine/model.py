@@ -164,6 +164,10 @@ class LlamaModel:
         a = self.args
         kvh, hd, rep = a.num_kv_heads, a.head_dim, a.num_heads // a.num_kv_heads
         bd, lmax = q.shape[0], g.dec_len
+        if bd == 1:  # one sequence: no padding, and SDPA beats small bf16 bmm calls
+            k1 = k_cache.index_select(1, g.dec_slots).unsqueeze(0)
+            v1 = v_cache.index_select(1, g.dec_slots).unsqueeze(0)
+            return F.scaled_dot_product_attention(q.view(1, -1, 1, hd), k1, v1, enable_gqa=True).view(1, -1, hd)
         keys = k_cache.index_select(1, g.dec_slots).view(kvh * bd, lmax, hd)
         vals = v_cache.index_select(1, g.dec_slots).view(kvh * bd, lmax, hd)
         qq = q.view(bd, kvh, rep, hd).transpose(0, 1).reshape(kvh * bd, rep, hd)
