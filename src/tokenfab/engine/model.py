@@ -215,7 +215,7 @@ class LlamaModel:
             f = gu.shape[1] // 2
             x = x + down(F.silu(gu[:, :f]) * gu[:, f:])
         if batch.logits_rows.numel() == 0:
-            return torch.empty(0, self.args.vocab_size)
+            return torch.empty(0, self.args.vocab_size, dtype=self.dtype)
         x = x.index_select(0, batch.logits_rows)
         x = rms_norm(x, self.norm, a.rms_eps)
-        return self.lm_head(x).float()
+        return self.lm_head(x)  # model dtype; the sampler upcasts only rows that need it

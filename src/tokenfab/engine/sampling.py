@@ -47,11 +47,12 @@ class Sampler:
         outputs: list[list[int]],
         blocked: list[tuple[int, ...]],
     ) -> list[int]:
-        logits = logits.float()
         n = logits.shape[0]
         result: list[int | None] = [None] * n
         # Rows without penalties, blocked tokens or randomness: one argmax for the lot.
         simple = [i for i in range(n) if params[i].greedy and not _needs_adjust(params[i], blocked[i])]
+        if len(simple) == n:
+            return logits.argmax(dim=-1).tolist()
         if simple:
             idx = torch.tensor(simple)
             for i, tok in zip(simple, logits.index_select(0, idx).argmax(dim=-1).tolist()):
@@ -59,7 +60,7 @@ class Sampler:
         for i in range(n):
             if result[i] is not None:
                 continue
-            row = logits[i].clone()
+            row = logits[i].to(torch.float32, copy=True)
             p = params[i]
             if blocked[i]:
                 row[list(blocked[i])] = float("-inf")
