@@ -104,12 +104,9 @@ async def send(client: httpx.AsyncClient, ep: Endpoint, messages: list[dict], pr
             if "text/event-stream" not in r.headers.get("content-type", ""):
                 # a server that ignored stream=true: one JSON body; TTFT = E2E
                 obj = json.loads(await r.aread())
-                now = time.perf_counter() - t0
                 ch = obj["choices"][0]
                 text = ch.get("text") or (ch.get("message") or {}).get("content") or ""
                 parts.append(text)
-                rec.ttft_s = rec.e2e_s = now
-                rec.chunk_times_s = [now]
                 usage = obj.get("usage")
                 finished = True
                 rec.error_detail = "non-streaming response"
@@ -140,6 +137,9 @@ async def send(client: httpx.AsyncClient, ep: Endpoint, messages: list[dict], pr
                         if ch.get("finish_reason"):
                             finished = True
         rec.e2e_s = time.perf_counter() - t0
+        if rec.error_detail == "non-streaming response":
+            rec.ttft_s = rec.e2e_s
+            rec.chunk_times_s = [rec.e2e_s]
         if rec.error is None and not finished:
             rec.error, rec.error_detail = "truncated", "stream ended without a finish_reason"
     except Exception as exc:  # noqa: BLE001 - every failure is a recorded category
