@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from tokenfab.bench.metrics import RequestRecord
 from tokenfab.bench.workload import Job
@@ -60,16 +60,16 @@ def arrival_times(n: int, rate: float, burstiness: float, rng: random.Random) ->
 
 
 def _classify(exc: BaseException) -> str:
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, aiohttp.ClientConnectorError):
         return "unreachable"
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return "timeout"
-    if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
+    if isinstance(exc, (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
         return "truncated"
     return "client_error"
 
 
-async def send(client: httpx.AsyncClient, ep: Endpoint, messages: list[dict], prompt: str | None,
+async def send(client: aiohttp.ClientSession, ep: Endpoint, messages: list[dict], prompt: str | None,
                max_tokens: int, rec: RequestRecord, t_origin: float) -> str:
     """One streaming request; fills `rec`; returns the generated text (for multi-turn)."""
     body: dict = {"model": ep.model, "max_tokens": max_tokens, "stream": True,
@@ -92,18 +92,18 @@ async def send(client: httpx.AsyncClient, ep: Endpoint, messages: list[dict], pr
     finished = False
     usage = None
     try:
-        async with client.stream("POST", ep.url + path, json=body, headers=headers, timeout=ep.timeout_s) as r:
-            rec.status = r.status_code
-            if r.status_code != 200:
-                text = (await r.aread()).decode(errors="replace")
+        async with client.post(ep.url + path, json=body, headers=headers) as r:
+            rec.status = r.status
+            if r.status != 200:
+                text = (await r.read()).decode(errors="replace")
                 rec.error = {401: "auth", 403: "auth", 429: "rate_limited", 402: "budget"}.get(
-                    r.status_code, f"http_{r.status_code // 100}xx")
+                    r.status, f"http_{r.status // 100}xx")
                 rec.error_detail = text[:300]
                 rec.e2e_s = time.perf_counter() - t0
                 return ""
             if "text/event-stream" not in r.headers.get("content-type", ""):
                 # a server that ignored stream=true: one JSON body; TTFT = E2E
-                obj = json.loads(await r.aread())
+                obj = json.loads(await r.read())
                 ch = obj["choices"][0]
                 text = ch.get("text") or (ch.get("message") or {}).get("content") or ""
                 parts.append(text)
@@ -111,10 +111,10 @@ async def send(client: httpx.AsyncClient, ep: Endpoint, messages: list[dict], pr
                 finished = True
                 rec.error_detail = "non-streaming response"
             else:
-                async for line in r.aiter_lines():
-                    if not line.startswith("data:"):
+                async for raw in r.content:
+                    if not raw.startswith(b"data:"):
                         continue
-                    data = line[5:].strip()
+                    data = raw[5:].strip().decode()
                     if data == "[DONE]":
                         finished = finished or bool(parts)
                         break
@@ -159,7 +159,7 @@ async def send(client: httpx.AsyncClient, ep: Endpoint, messages: list[dict], pr
     return "".join(parts)
 
 
-async def run_job(client: httpx.AsyncClient, ep: Endpoint, job: Job, idx: int, warmup: bool, level: str,
+async def run_job(client: aiohttp.ClientSession, ep: Endpoint, job: Job, idx: int, warmup: bool, level: str,
                   t_origin: float, records: list[RequestRecord], on_done: Callable[[], None],
                   scheduled_s: float | None = None) -> None:
     history: list[dict] = [{"role": "system", "content": job.system}] if job.system else []
@@ -182,8 +182,9 @@ async def run_load(ep: Endpoint, jobs: list[Job], load: LoadSpec, level: str = "
                    on_done: Callable[[], None] = lambda: None) -> list[RequestRecord]:
     """Run `jobs` under `load`; returns one record per request sent (warm-up ones flagged)."""
     records: list[RequestRecord] = []
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(limits=limits, timeout=ep.timeout_s) as client:
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=ep.timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         t_origin = time.perf_counter()
         warm, main = jobs[: load.warmup], jobs[load.warmup :]
         if warm:
