@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tokenfab.config import Settings, ServerConfig
+from tokenfab.config import LedgerConfig, Settings, ServerConfig
 from tokenfab.engine.config import EngineConfig
 from tokenfab.engine.loader import LoadedModel, bundled_gguf_path, load_model
 
@@ -33,14 +33,11 @@ class LiveServer:
     def __init__(self, settings: Settings, loaded: LoadedModel) -> None:
         import uvicorn
 
-        from tokenfab.engine.async_engine import AsyncEngine
-        from tokenfab.engine.llm_engine import LLMEngine
-        from tokenfab.serve.app import build_app
+        from tokenfab.serve.app import create_server
 
-        self.core = LLMEngine(settings.engine, loaded=loaded)
-        self.engine = AsyncEngine(self.core)
+        self.app, self.engine, self.ledger = create_server(settings, loaded)
+        self.core = self.engine.engine
         self.engine.start()
-        self.app = build_app(settings, self.engine)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -60,12 +57,15 @@ class LiveServer:
 
 
 @pytest.fixture(scope="session")
-def server(real_model: LoadedModel) -> Iterator[LiveServer]:
+def server(real_model: LoadedModel, tmp_path_factory) -> Iterator[LiveServer]:
+    db = tmp_path_factory.mktemp("ledger") / "ledger.db"
     settings = Settings(
         server=ServerConfig(max_body_bytes=64 * 1024),
         engine=EngineConfig(max_model_len=1024, kv_cache_gb=0.25, max_num_seqs=32),
+        ledger=LedgerConfig(ledger_url=f"sqlite:///{db}"),
     )
     s = LiveServer(settings, real_model)
+    s.api_key = s.ledger.create_key("tests", "free")[1]
     yield s
     s.stop()
 

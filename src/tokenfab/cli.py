@@ -41,6 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=None, help="path to tokenfab.yaml (default ./tokenfab.yaml if present)")
     _add_setting_flags(serve)
     _add_bench(sub)
+    keys = sub.add_parser("keys", help="create, list and revoke API keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    kc = ksub.add_parser("create", help="create a key (printed once; only its hash is stored)")
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--tier", required=True)
+    kc.add_argument("--budget-usd", type=float, default=None, help="the tenant's budget (default unlimited)")
+    ksub.add_parser("list", help="list keys (never the secrets)")
+    kr = ksub.add_parser("revoke", help="revoke a key by its id")
+    kr.add_argument("key_id")
+    us = sub.add_parser("usage", help="usage records from the ledger")
+    us.add_argument("--tenant", default=None)
+    us.add_argument("--since", default=None, help="ISO date/time or unix seconds")
+    us.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    us.add_argument("--limit", type=int, default=None)
+    for p in (keys, us):
+        p.add_argument("--config", default=None, help="path to tokenfab.yaml")
+        p.add_argument("--ledger-url", dest="ledger_url", default=None, help="ledger database URL")
     return parser
 
 
@@ -112,16 +129,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    from tokenfab.engine.async_engine import AsyncEngine
-    from tokenfab.engine.llm_engine import LLMEngine
-    from tokenfab.serve.app import build_app
+    from tokenfab.serve.app import create_server
 
     try:
-        core = LLMEngine(settings.engine)
+        app, engine, ledger = create_server(settings)
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(f"tokenfab serve: {exc}") from None
-    engine = AsyncEngine(core)
-    app = build_app(settings, engine)
+    core = engine.engine
     label = " [SYNTHETIC weights: text is noise]" if core.loaded.synthetic else ""
     server = uvicorn.Server(
         uvicorn.Config(app, host=settings.server.host, port=settings.server.port, log_level=settings.server.log_level)
@@ -231,10 +245,104 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger(ns: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from tokenfab.ledger.store import Ledger, LedgerError
+
+    settings = load_settings(ns.config, {"ledger_url": ns.ledger_url})
+    try:
+        return settings, Ledger(settings.ledger.ledger_url)
+    except LedgerError as exc:
+        raise UsageError(f"tokenfab {ns.command}: {exc}") from None
+
+
+def cmd_keys(ns: argparse.Namespace) -> int:
+    from tokenfab.ledger.store import LedgerError
+
+    settings, ledger = _ledger(ns)
+    try:
+        if ns.keys_command == "create":
+            if ns.tier not in settings.tiers.names:
+                raise UsageError(f"tokenfab keys create: unknown tier {ns.tier!r}; tiers: {', '.join(settings.tiers.names)}")
+            key_id, key = ledger.create_key(ns.tenant, ns.tier, ns.budget_usd)
+            print(f"key id {key_id} for tenant {ns.tenant} on tier {ns.tier}"
+                  + (f", budget ${ns.budget_usd:g}" if ns.budget_usd is not None else ", no budget limit"))
+            print(key)
+            print("store this key now: it is not shown again", file=sys.stderr)
+        elif ns.keys_command == "list":
+            rows = ledger.list_keys()
+            print(f"{'key id':14} {'tenant':20} {'tier':10} {'status':8} {'budget $':>10} {'spent $':>12} {'held $':>10}")
+            for r in rows:
+                status = "revoked" if r["revoked_at"] else "active"
+                budget = "-" if r["budget_usd"] is None else f"{r['budget_usd']:.4f}"
+                print(f"{r['key_id']:14} {r['tenant']:20} {r['tier']:10} {status:8} {budget:>10} "
+                      f"{r['spent_usd']:12.6f} {r['reserved_usd']:10.6f}")
+        else:
+            ledger.revoke(ns.key_id)
+            print(f"revoked key {ns.key_id}")
+    except LedgerError as exc:
+        raise UsageError(f"tokenfab keys: {exc}") from None
+    finally:
+        ledger.close()
+    return 0
+
+
+def _since(text: str | None) -> float | None:
+    if not text:
+        return None
+    import datetime as dt
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        d = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"tokenfab usage: --since {text!r}: use an ISO date/time or unix seconds") from None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=dt.timezone.utc)
+    return d.timestamp()
+
+
+USAGE_COLUMNS = ["request_id", "created_at", "tenant", "tier", "model", "status", "prompt_tokens", "cached_tokens",
+                 "completion_tokens", "ttft_ms", "tpot_ms", "e2e_ms", "joules", "energy_source", "cost_usd",
+                 "price_usd"]
+
+
+def cmd_usage(ns: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    since = _since(ns.since)
+    _, ledger = _ledger(ns)
+    rows = ledger.usage_records(ns.tenant, since, ns.limit)
+    ledger.close()
+    if ns.format == "json":
+        print(json.dumps(rows, indent=1))
+    elif ns.format == "csv":
+        w = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else USAGE_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        print(f"{'request':40} {'tenant':14} {'tier':9} {'status':9} {'in':>6} {'out':>6} {'TTFT ms':>8} "
+              f"{'J':>8} {'cost $':>10} {'price $':>10}")
+        for r in rows:
+            f = (lambda v, fmt: "-" if v is None else fmt.format(v))  # noqa: E731
+            print(f"{r['request_id'][:40]:40} {r['tenant'][:14]:14} {r['tier'][:9]:9} {r['status']:9} "
+                  f"{r['prompt_tokens']:6d} {r['completion_tokens']:6d} {f(r['ttft_ms'], '{:.0f}'):>8} "
+                  f"{f(r['joules'], '{:.2f}'):>8} {f(r['cost_usd'], '{:.6f}'):>10} {r['price_usd']:10.6f}")
+        total_in = sum(r["prompt_tokens"] for r in rows)
+        total_out = sum(r["completion_tokens"] for r in rows)
+        print(f"{len(rows)} records, {total_in} prompt + {total_out} completion tokens, "
+              f"${sum(r['price_usd'] for r in rows):.6f} charged, "
+              f"${sum(r['cost_usd'] or 0 for r in rows):.6f} cost")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         ns = build_parser().parse_args(argv)
-        return {"serve": cmd_serve, "bench": cmd_bench}[ns.command](ns)
+        return {"serve": cmd_serve, "bench": cmd_bench, "keys": cmd_keys, "usage": cmd_usage}[ns.command](ns)
     except (UsageError, ConfigError) as exc:
         print(str(exc).splitlines()[0] if str(exc) else "usage error", file=sys.stderr)
         return 2

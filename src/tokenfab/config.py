@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from tokenfab.economics.tiers import TierError, TierTable, default_tiers, tiers_from_list
 from tokenfab.engine.config import EngineConfig
 
 
@@ -35,12 +36,40 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class LedgerConfig:
+    ledger_url: str = "sqlite:///tokenfab.db"  # or postgresql+psycopg://user@host/db
+    anonymous_tier: str = "free"  # tier for requests without a key; "" = every request needs a key
+
+
+@dataclass(frozen=True)
+class MeterConfig:
+    energy_source: str = "auto"  # auto (NVML, else RAPL, else model) | nvml | rapl | model
+    cpu_watts_per_core: float = 10.0  # the CPU-time model: watts per fully busy core
+    idle_watts: float = 0.0  # the CPU-time model: watts while idle (not attributed to requests)
+    electricity_usd_per_kwh: float = 0.08
+    pue: float = 1.3
+    capex_usd_per_hour: float = 0.05  # amortised cost of the machine per hour of engine time
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    tier_queue_limit: int = 64  # waiting requests per tier beyond which that tier gets 429
+    admission_slack: float = 1.0  # reject when predicted TTFT > slack x the tier's TTFT SLO
+    tier_scheduling: bool = True  # false: plain FCFS (the baseline)
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    meter: MeterConfig = field(default_factory=MeterConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    tiers: TierTable = field(default_factory=default_tiers)
 
 
-SECTIONS = {"server": ServerConfig, "engine": EngineConfig}
+SECTIONS = {"server": ServerConfig, "engine": EngineConfig, "ledger": LedgerConfig, "meter": MeterConfig,
+            "admission": AdmissionConfig}
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -90,6 +119,7 @@ def load_settings(path: str | None = None, cli: dict[str, Any] | None = None, en
     env = dict(os.environ) if env is None else env
     keys = all_keys()
     values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    tiers = default_tiers()
     file = path or env.get("TOKENFAB_CONFIG")
     if file is None and Path("tokenfab.yaml").is_file():
         file = "tokenfab.yaml"
@@ -103,9 +133,16 @@ def load_settings(path: str | None = None, cli: dict[str, Any] | None = None, en
             raise ConfigError(f"{file} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{file}: expected a mapping of sections ({', '.join(SECTIONS)})")
+        if "tiers" in data:
+            try:
+                tiers = tiers_from_list(data["tiers"], f"{file}: tiers")
+            except TierError as exc:
+                raise ConfigError(str(exc)) from None
         for section, body in data.items():
+            if section == "tiers":
+                continue
             if section not in SECTIONS:
-                continue  # sections owned by other parts (tiers, ledger, ...) are read by them
+                raise ConfigError(f"{file}: unknown section {section!r} (sections: {', '.join([*SECTIONS, 'tiers'])})")
             if not isinstance(body, dict):
                 raise ConfigError(f"{file}: section {section!r} must be a mapping")
             for k, v in body.items():
@@ -123,4 +160,8 @@ def load_settings(path: str | None = None, cli: dict[str, Any] | None = None, en
             raise ConfigError(f"unknown setting --{k.replace('_', '-')}")
         section, f = keys[k]
         values[section][k] = _convert("--" + k.replace("_", "-"), v, f.type)
-    return Settings(server=ServerConfig(**values["server"]), engine=EngineConfig(**values["engine"]))
+    settings = Settings(**{name: cls(**values[name]) for name, cls in SECTIONS.items()}, tiers=tiers)
+    anon = settings.ledger.anonymous_tier
+    if anon and anon not in tiers.names:
+        raise ConfigError(f"anonymous_tier {anon!r} is not a tier ({', '.join(tiers.names)}); use \"\" to require keys")
+    return settings

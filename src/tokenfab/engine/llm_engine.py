@@ -18,8 +18,9 @@ from tokenfab.engine.loader import LoadedModel, load_model
 from tokenfab.engine.model import LlamaModel
 from tokenfab.engine.model_runner import ModelRunner
 from tokenfab.engine.sampling import Sampler, SamplingParams
-from tokenfab.engine.scheduler import Scheduler
+from tokenfab.engine.scheduler import Scheduler, TierClass
 from tokenfab.engine.sequence import Sequence, Status
+from tokenfab.engine.step_model import StepTimeModel
 
 log = logging.getLogger("tokenfab.engine")
 
@@ -43,6 +44,24 @@ class RequestOutput:
     completion_tokens: int
     cached_tokens: int
     time_s: float  # monotonic time at which this output was produced
+    metering: RequestMetering | None = None  # set on the final output
+
+
+@dataclass(frozen=True)
+class RequestMetering:
+    """Per-request timings (seconds, engine clock) and attributed energy, reported when it ends."""
+
+    arrival_s: float
+    queue_s: float | None  # arrival -> first scheduled
+    ttft_s: float | None  # arrival -> first token
+    tpot_s: float | None  # (last token - first token) / (tokens - 1)
+    itl_p50_s: float | None
+    itl_p99_s: float | None
+    itl_max_s: float | None
+    e2e_s: float  # arrival -> end
+    joules: float
+    device_s: float
+    num_preemptions: int
 
 
 @dataclass(frozen=True)
@@ -63,8 +82,10 @@ def resolve_dtype(config: EngineConfig) -> torch.dtype:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, energy: object | None = None,
+                 policy: tuple[TierClass, ...] | None = None) -> None:
         self.config = config
+        self.energy = energy  # a tokenfab.meter.energy.EnergySource, or None
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         t0 = time.monotonic()
@@ -81,7 +102,9 @@ class LLMEngine:
             num_blocks = int(config.kv_cache_gb * 2**30 // (per_token * config.block_size))
             num_blocks = min(num_blocks, config.max_num_seqs * -(-self.max_model_len // config.block_size))
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.step_model = StepTimeModel()
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   policy, self.step_model)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
         self.sampler = Sampler()
         self.vocab_limit = min(args.vocab_size, self.tokenizer.vocab_size)
@@ -141,19 +164,33 @@ class LLMEngine:
         seq.finish_reason = "abort"
         return self._output(seq, (), "", time.monotonic())
 
+    def set_policy(self, policy: tuple[TierClass, ...] | None) -> None:
+        """Tier classes for scheduling (a sequence's priority indexes them); None = first come, first served."""
+        self.scheduler.policy = policy
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
     # --- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = time.monotonic()
+        e0 = self.energy.read_j() if self.energy is not None else 0.0
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
         logits, sample_seqs = self.runner.run(scheduled)
+        total = sum(n for _, n in scheduled)
+        dt = time.monotonic() - t0
+        joules = (self.energy.read_j() - e0) if self.energy is not None else 0.0
+        self.step_model.observe(total, dt)
         for seq, n in scheduled:
             seq.num_computed += n
             self.block_manager.register_computed(seq)
+            share = n / total
+            seq.joules += joules * share
+            seq.device_s += dt * share
+            if seq.first_scheduled_s is None:
+                seq.first_scheduled_s = t0
         outputs: list[RequestOutput] = []
         if sample_seqs:
             logits = logits[:, : self.vocab_limit]
@@ -178,6 +215,7 @@ class LLMEngine:
     def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
         if seq.first_token_s is None:
             seq.first_token_s = now
+        seq.token_times.append(now)
         seq.token_ids.append(tok)
         p = seq.params
         if (tok in self.tokenizer.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
@@ -217,6 +255,23 @@ class LLMEngine:
                 seq.finish_reason = "stop"
 
     def _output(self, seq: Sequence, toks: tuple[int, ...], delta: str, now: float) -> RequestOutput:
+        metering = None
+        if seq.finish_reason is not None:
+            tt = seq.token_times
+            gaps = sorted(b - a for a, b in zip(tt, tt[1:]))
+
+            def pct(q: float) -> float | None:
+                return gaps[min(len(gaps) - 1, int(q * len(gaps)))] if gaps else None
+
+            metering = RequestMetering(
+                arrival_s=seq.arrival_s,
+                queue_s=None if seq.first_scheduled_s is None else seq.first_scheduled_s - seq.arrival_s,
+                ttft_s=None if seq.first_token_s is None else seq.first_token_s - seq.arrival_s,
+                tpot_s=(tt[-1] - tt[0]) / (len(tt) - 1) if len(tt) > 1 else None,
+                itl_p50_s=pct(0.5), itl_p99_s=pct(0.99), itl_max_s=gaps[-1] if gaps else None,
+                e2e_s=now - seq.arrival_s, joules=seq.joules, device_s=seq.device_s,
+                num_preemptions=seq.num_preemptions,
+            )
         return RequestOutput(
             request_id=seq.seq_id,
             token_ids=toks,
@@ -227,6 +282,7 @@ class LLMEngine:
             completion_tokens=seq.num_output,
             cached_tokens=seq.num_cached_prompt,
             time_s=now,
+            metering=metering,
         )
 
     # --- convenience for tests and benchmarks --------------------------------------------------

@@ -10,14 +10,30 @@ and it goes back to the front of the queue to be recomputed.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 from tokenfab.engine.block_manager import BlockManager
 from tokenfab.engine.sequence import Sequence, Status
+from tokenfab.engine.step_model import StepTimeModel
+
+
+@dataclass(frozen=True)
+class TierClass:
+    """What the scheduler needs of a tier; a sequence's `priority` is its index in the policy (0 = first)."""
+
+    name: str
+    guaranteed_share: float = 0.0
+    max_share: float = 1.0
+    min_tok_s_user: float = 0.0
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: tuple[TierClass, ...] | None = None, step_model: StepTimeModel | None = None) -> None:
         self.bm = block_manager
+        self.policy = policy
+        self.step_model = step_model or StepTimeModel()
+        self.last_budget = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -63,6 +79,102 @@ class Scheduler:
         return True
 
     def schedule(self) -> list[tuple[Sequence, int]]:
+        if self.policy:
+            return self._schedule_tiers(self.policy)
+        return self._schedule_fcfs()
+
+    # --- tier-aware ----------------------------------------------------------------------------
+    def _rank(self, seq: Sequence, n: int) -> int:
+        return min(max(seq.priority, 0), n - 1)
+
+    def token_budget(self) -> int:
+        """The step's token budget: capped so the fastest tier with running sequences keeps its speed."""
+        budget = self.max_num_batched_tokens
+        if self.policy and self.running:
+            fastest = min(self._rank(s, len(self.policy)) for s in self.running)
+            budget = min(budget, self.step_model.max_tokens_for(self.policy[fastest].min_tok_s_user))
+        return max(budget, 1)
+
+    def _schedule_tiers(self, policy: tuple[TierClass, ...]) -> list[tuple[Sequence, int]]:
+        """Guaranteed shares first, then priority order up to each tier's max share, then any leftover.
+
+        Within a tier: decodes (1 token), unfinished prefills (chunks), then admissions. A waiting
+        sequence that cannot get blocks or a slot may preempt a running sequence of a lower tier.
+        """
+        n_tiers = len(policy)
+        budget = self.token_budget()
+        self.last_budget = budget
+        left = budget
+        used = [0] * n_tiers
+        out: dict[str, tuple[Sequence, int]] = {}
+        preempted: set[str] = set()
+        key = lambda s: (s.priority, s.arrival_s)  # noqa: E731
+        by_rank: list[list[Sequence]] = [[] for _ in range(n_tiers)]
+        for s in sorted(self.running, key=key):
+            by_rank[self._rank(s, n_tiers)].append(s)
+        waiting: list[list[Sequence]] = [[] for _ in range(n_tiers)]
+        for s in sorted(self.waiting, key=key):
+            waiting[self._rank(s, n_tiers)].append(s)
+
+        def fill(rank: int, cap: int) -> None:
+            nonlocal left
+            for seq in by_rank[rank]:  # decodes, then unfinished prefills
+                if left <= 0 or used[rank] >= cap:
+                    return
+                if seq.seq_id in out or seq.status is not Status.RUNNING:
+                    continue
+                remaining = len(seq) - seq.num_computed
+                if remaining == 1:
+                    if not self._grow(seq):
+                        preempted.add(seq.seq_id)
+                        continue
+                    n = 1
+                else:
+                    n = min(remaining, left, cap - used[rank])
+                out[seq.seq_id] = (seq, n)
+                used[rank] += n
+                left -= n
+            while waiting[rank] and left > 0 and used[rank] < cap:
+                seq = waiting[rank][0]
+                if seq.seq_id in preempted:
+                    waiting[rank].pop(0)
+                    continue
+                if not self._make_room(seq, rank, n_tiers, preempted):
+                    return
+                waiting[rank].pop(0)
+                self.waiting.remove(seq)
+                self.bm.admit(seq)
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+                by_rank[rank].append(seq)
+                n = min(len(seq) - seq.num_computed, left, cap - used[rank])
+                out[seq.seq_id] = (seq, n)
+                used[rank] += n
+                left -= n
+
+        for rank in range(n_tiers):  # 1. guaranteed shares
+            fill(rank, max(1, int(policy[rank].guaranteed_share * budget)) if policy[rank].guaranteed_share else 0)
+        for rank in range(n_tiers):  # 2. priority order, up to each max share
+            fill(rank, max(1, int(policy[rank].max_share * budget)))
+        for rank in range(n_tiers):  # 3. work-conserving: leftover budget to anyone
+            fill(rank, budget)
+        return [(s, n) for s, n in out.values() if s.status is Status.RUNNING]
+
+    def _make_room(self, seq: Sequence, rank: int, n_tiers: int, preempted: set[str]) -> bool:
+        """Whether `seq` can be admitted now, preempting lower-tier running sequences if needed."""
+        while True:
+            slots_ok = len(self.running) < self.max_num_seqs
+            if slots_ok and self.bm.can_admit(seq, reserve=self.watermark_blocks if self.running else 0):
+                return True
+            lower = [s for s in self.running if self._rank(s, n_tiers) > rank]
+            if not lower:
+                return False
+            victim = max(lower, key=lambda s: (s.priority, s.arrival_s))
+            self._preempt(victim)
+            preempted.add(victim.seq_id)
+
+    # --- first come, first served ------------------------------------------------------------------
+    def _schedule_fcfs(self) -> list[tuple[Sequence, int]]:
         budget = self.max_num_batched_tokens
         out: list[tuple[Sequence, int]] = []
         preemptions_before = self.num_preemptions

@@ -34,6 +34,10 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     first_token_s: float | None = None
+    first_scheduled_s: float | None = None
+    token_times: list[float] = field(default_factory=list)  # when each output token was produced
+    joules: float = 0.0  # energy attributed to this sequence (its share of each step it took part in)
+    device_s: float = 0.0  # engine time attributed likewise
     generator: torch.Generator | None = None
     # detokenisation state
     text: str = ""

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -24,9 +25,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tokenfab.config import Settings
+from tokenfab.economics.cost import request_cost_usd
+from tokenfab.economics.tiers import Tier
 from tokenfab.engine.async_engine import AsyncEngine
 from tokenfab.engine.llm_engine import RequestError, RequestOutput
+from tokenfab.engine.scheduler import TierClass
 from tokenfab.engine.sampling import SamplingParams
+from tokenfab.ledger.store import Ledger, Principal, UsageRecord
+from tokenfab.meter.metrics import FactoryMetrics
+from tokenfab.serve.admission import Admission
 from tokenfab.serve.protocol import APIError, ChatRequest, CompletionRequest, validation_error
 
 log = logging.getLogger("tokenfab.serve")
@@ -36,11 +43,31 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+@dataclass
+class Ctx:
+    """One admitted request: who, which tier, what it may cost, and its id."""
+
+    rid: str
+    principal: Principal
+    tier: Tier
+    prompt_tokens: int
+    max_tokens: int
+    started: bool = False
+
+
 class Gateway:
-    def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
+    def __init__(self, settings: Settings, engine: AsyncEngine, ledger: Ledger, metrics: FactoryMetrics,
+                 energy_source: str) -> None:
         self.settings = settings
         self.engine = engine
+        self.ledger = ledger
+        self.metrics = metrics
+        self.energy_source = energy_source
+        self.tiers = settings.tiers
         core = engine.engine
+        self.admission = Admission(settings.tiers, core.step_model, core.config.max_num_batched_tokens,
+                                   settings.admission.tier_queue_limit, settings.admission.admission_slack,
+                                   enabled=settings.admission.tier_scheduling)
         self.tokenizer = core.tokenizer
         self.loaded = core.loaded
         self.model_name = settings.server.served_model_name or core.loaded.name
@@ -91,23 +118,162 @@ class Gateway:
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
 
-    def admit(self, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
+    async def principal(self, request: Request) -> Principal:
+        auth = request.headers.get("authorization", "")
+        if not auth:
+            anon = self.settings.ledger.anonymous_tier
+            if anon:
+                return Principal("anonymous", anon, None)
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>' (create one with "
+                           "`tokenfab keys create`)", type_="authentication_error", code="missing_api_key")
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise APIError(401, "malformed Authorization header: use 'Bearer <key>'", type_="authentication_error",
+                           code="invalid_api_key")
+        p = await asyncio.to_thread(self.ledger.authenticate, key.strip())
+        if p is None:
+            raise APIError(401, "invalid or revoked API key", type_="authentication_error", code="invalid_api_key")
+        return p
+
+    def tier_of(self, p: Principal) -> Tier:
+        try:
+            return self.tiers.get(p.tier)
+        except ValueError:
+            raise APIError(403, f"this key's tier '{p.tier}' is not offered by this server "
+                           f"(tiers: {', '.join(self.tiers.names)})", type_="permission_error",
+                           code="unknown_tier") from None
+
+    def _reject(self, tier: str, reason: str, message: str, retry_s: int) -> APIError:
+        self.metrics.rejections.labels(tier, reason).inc()
+        return APIError(429, message + "; retry later", type_="rate_limit_error", code=reason,
+                        headers={"Retry-After": str(retry_s)})
+
+    async def admit(self, request: Request, prompt_ids: list[int], params: SamplingParams, param: str,
+                    prefix: str) -> Ctx:
+        principal = await self.principal(request)
+        tier = self.tier_of(principal)
         try:
             self.engine.engine.check_request(len(prompt_ids), params)
         except RequestError as exc:
+            self.metrics.rejections.labels(tier.name, "too_long").inc()
             raise APIError(400, str(exc), param=param, code="context_length_exceeded") from None
         core = self.engine.engine
         limit = self.settings.server.max_waiting + core.config.max_num_seqs
         if self.engine.num_in_flight >= limit:
-            retry = max(1, round(self.engine.step_ewma_s * 64))
-            raise APIError(
-                429, f"server overloaded: {self.engine.num_in_flight} requests in flight (limit {limit}); retry later",
-                type_="rate_limit_error", code="overloaded", headers={"Retry-After": str(retry)},
-            )
+            raise self._reject(tier.name, "overloaded", f"server overloaded: {self.engine.num_in_flight} requests "
+                               f"in flight (limit {limit})", max(1, round(self.engine.step_ewma_s * 64)))
+        rej = self.admission.check(tier, len(prompt_ids))
+        if rej is not None:
+            raise self._reject(tier.name, rej.reason, rej.message, rej.retry_after_s)
+        rid = prefix + uuid.uuid4().hex
+        worst = tier.price_usd(len(prompt_ids), params.max_tokens)
+        if principal.key_id is None:
+            await asyncio.to_thread(self.ledger.ensure_tenant, principal.tenant)
+        ok = await asyncio.to_thread(self.ledger.reserve, rid, principal.tenant, tier.name, self.model_name, worst,
+                                     len(prompt_ids))
+        if not ok:
+            t = await asyncio.to_thread(self.ledger.tenant, principal.tenant) or {}
+            self.metrics.rejections.labels(tier.name, "budget").inc()
+            raise APIError(402, f"tenant '{principal.tenant}' has exhausted its budget: ${t.get('budget_usd') or 0:.6f} "
+                           f"budget, ${t.get('spent_usd', 0):.6f} spent, ${t.get('reserved_usd', 0):.6f} held by "
+                           f"requests in flight; this request could cost up to ${worst:.6f}. Raise the budget with "
+                           "`tokenfab keys create --tenant ... --budget-usd ...` or lower max_tokens",
+                           type_="insufficient_quota", code="budget_exhausted")
+        self.admission.admitted(tier.name, len(prompt_ids))
+        self.metrics.in_flight.labels(tier.name).inc()
+        self.metrics.queued.labels(tier.name).inc()
+        return Ctx(rid, principal, tier, len(prompt_ids), params.max_tokens)
 
-    async def run(self, request: Request, prompt_ids: list[int], params: SamplingParams, rid: str,
+    def _record(self, ctx: Ctx, last: RequestOutput | None, status: str, error: str | None,
+                completion_tokens: int) -> UsageRecord:
+        m = last.metering if last is not None else None
+        tier, model = ctx.tier, self.model_name
+        prompt = last.prompt_tokens if last else ctx.prompt_tokens
+        completion = last.completion_tokens if last else completion_tokens
+        price = tier.price_usd(prompt, completion)
+        mc = self.settings.meter
+        cost = request_cost_usd(m.joules, m.device_s, mc.electricity_usd_per_kwh, mc.pue,
+                                mc.capex_usd_per_hour) if m else None
+        ms = (lambda v: None if v is None else v * 1000.0)  # noqa: E731
+        return UsageRecord(
+            request_id=ctx.rid, tenant=ctx.principal.tenant, tier=tier.name, model=model, status=status,
+            prompt_tokens=prompt, cached_tokens=last.cached_tokens if last else 0, completion_tokens=completion,
+            finish_reason=last.finish_reason if last else None, error=error,
+            queue_ms=ms(m.queue_s) if m else None, ttft_ms=ms(m.ttft_s) if m else None,
+            tpot_ms=ms(m.tpot_s) if m else None, itl_p50_ms=ms(m.itl_p50_s) if m else None,
+            itl_p99_ms=ms(m.itl_p99_s) if m else None, itl_max_ms=ms(m.itl_max_s) if m else None,
+            e2e_ms=ms(m.e2e_s) if m else None, joules=m.joules if m else None,
+            energy_source=self.energy_source if m else None, device_s=m.device_s if m else None,
+            cost_usd=cost, price_usd=price,
+        )
+
+    def _observe(self, rec: UsageRecord) -> None:
+        lab = (rec.tier, rec.tenant, rec.model)
+        mt = self.metrics
+        mt.requests.labels(*lab, rec.status).inc()
+        mt.tokens.labels(*lab, "prompt").inc(rec.prompt_tokens)
+        mt.tokens.labels(*lab, "cached").inc(rec.cached_tokens)
+        mt.tokens.labels(*lab, "completion").inc(rec.completion_tokens)
+        mt.revenue.labels(*lab).inc(rec.price_usd)
+        if rec.joules is not None:
+            mt.joules.labels(*lab).inc(rec.joules)
+        if rec.cost_usd is not None:
+            mt.cost.labels(*lab).inc(rec.cost_usd)
+        if rec.ttft_ms is not None:
+            mt.ttft.labels(rec.tier, rec.model).observe(rec.ttft_ms / 1000)
+        if rec.tpot_ms is not None:
+            mt.tpot.labels(rec.tier, rec.model).observe(rec.tpot_ms / 1000)
+        if rec.e2e_ms is not None:
+            mt.e2e.labels(rec.tier, rec.model).observe(rec.e2e_ms / 1000)
+
+    def _mark_started(self, ctx: Ctx) -> None:
+        if not ctx.started:
+            ctx.started = True
+            self.admission.started(ctx.tier.name, ctx.prompt_tokens)
+            self.metrics.queued.labels(ctx.tier.name).dec()
+
+    def _end(self, ctx: Ctx, rec: UsageRecord) -> None:
+        self._mark_started(ctx)
+        self.admission.finished(ctx.tier.name)
+        self.metrics.in_flight.labels(ctx.tier.name).dec()
+        self._observe(rec)
+
+    async def _metered(self, ctx: Ctx, agen: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """Yield the engine's outputs; the usage record is durable before the final output is passed on.
+
+        A request that fails or is abandoned (client gone) is recorded too, from the finally block.
+        """
+        done = False
+        tokens = 0
+        error: str | None = None
+        status = "aborted"
+        try:
+            async for out in agen:
+                self._mark_started(ctx)
+                tokens += len(out.token_ids)
+                if out.finished:
+                    rec = self._record(ctx, out, "completed", None, tokens)
+                    await asyncio.to_thread(self.ledger.settle, rec)
+                    done = True
+                    self._end(ctx, rec)
+                yield out
+        except Exception as exc:
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            if not done:
+                rec = self._record(ctx, None, status, error or "client disconnected", tokens)
+                try:
+                    self.ledger.settle(rec)  # synchronous: we may be inside a cancelled task
+                except Exception:  # noqa: BLE001
+                    log.exception("could not write the usage record of %s", ctx.rid)
+                self._end(ctx, rec)
+
+    async def run(self, request: Request, prompt_ids: list[int], params: SamplingParams, ctx: Ctx,
                   stream: bool, include_usage: bool, fmt: type[_Format]) -> Response:
-        agen = self.engine.generate(prompt_ids, params, rid)
+        rid = ctx.rid
+        priority = ctx.tier.rank if self.settings.admission.tier_scheduling else 0
+        agen = self._metered(ctx, self.engine.generate(prompt_ids, params, rid, priority))
         f = fmt(rid, self.model_name)
         if stream:
             return StreamingResponse(self._sse(agen, f, include_usage), media_type="text/event-stream",
@@ -155,6 +321,23 @@ class Gateway:
             "max_model_len": self.max_model_len,
         }
 
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def usage(self, request: Request) -> JSONResponse:
+        p = await self.principal(request)
+        if p.key_id is None:
+            raise APIError(401, "usage records belong to a tenant: send your API key", type_="authentication_error",
+                           code="missing_api_key")
+        since = request.query_params.get("since")
+        try:
+            since_f = float(since) if since else None
+            limit = int(request.query_params.get("limit", "1000"))
+        except ValueError:
+            raise APIError(400, "since must be unix seconds and limit an integer", param="since") from None
+        rows = await asyncio.to_thread(self.ledger.usage_records, p.tenant, since_f, limit)
+        return JSONResponse({"object": "list", "tenant": p.tenant, "data": rows})
+
     async def models(self, request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [self._model_card()]})
 
@@ -191,10 +374,9 @@ class Gateway:
             raise APIError(400, "the prompt is empty: give at least one token of input", param="prompt")
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         params = self.sampling(req, max_tokens, len(ids))
-        self.admit(ids, params, "prompt")
-        rid = "cmpl-" + uuid.uuid4().hex
+        ctx = await self.admit(request, ids, params, "prompt", "cmpl-")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self.run(request, ids, params, rid, req.stream, include_usage, _CompletionFormat)
+        return await self.run(request, ids, params, ctx, req.stream, include_usage, _CompletionFormat)
 
     async def chat(self, request: Request) -> Response:
         body = await self.read_json(request)
@@ -217,10 +399,9 @@ class Gateway:
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = limit if limit is not None else max(1, self.max_model_len - len(ids))
         params = self.sampling(req, max_tokens, len(ids))
-        self.admit(ids, params, "messages")
-        rid = "chatcmpl-" + uuid.uuid4().hex
+        ctx = await self.admit(request, ids, params, "messages", "chatcmpl-")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self.run(request, ids, params, rid, req.stream, include_usage, _ChatFormat)
+        return await self.run(request, ids, params, ctx, req.stream, include_usage, _ChatFormat)
 
 
 # --- response shapes ------------------------------------------------------------------------------
@@ -338,8 +519,10 @@ def _lifespan(engine: AsyncEngine) -> Any:
     return lifespan
 
 
-def build_app(settings: Settings, engine: AsyncEngine) -> Starlette:
-    gw = Gateway(settings, engine)
+def build_app(settings: Settings, engine: AsyncEngine, ledger: Ledger, metrics: FactoryMetrics | None = None,
+              energy_source: str = "none") -> Starlette:
+    metrics = metrics or FactoryMetrics(energy_source, False)
+    gw = Gateway(settings, engine, ledger, metrics, energy_source)
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
@@ -359,6 +542,8 @@ def build_app(settings: Settings, engine: AsyncEngine) -> Starlette:
 
     routes = [
         Route("/health", gw.health, methods=["GET"]),
+        Route("/metrics", gw.prometheus, methods=["GET"]),
+        Route("/v1/usage", gw.usage, methods=["GET"]),
         Route("/v1/models", gw.models, methods=["GET"]),
         Route("/v1/models/{model:path}", gw.model, methods=["GET"]),
         Route("/v1/completions", gw.completions, methods=["POST"]),
@@ -371,3 +556,29 @@ def build_app(settings: Settings, engine: AsyncEngine) -> Starlette:
     )
     app.state.gateway = gw
     return app
+
+
+def tier_policy(settings: Settings) -> tuple[TierClass, ...] | None:
+    if not settings.admission.tier_scheduling:
+        return None
+    return tuple(TierClass(t.name, t.guaranteed_share, t.max_share, t.slo.min_tok_s_user) for t in settings.tiers)
+
+
+def create_server(settings: Settings, loaded: Any = None) -> tuple[Starlette, AsyncEngine, Ledger]:
+    """Everything `tokenfab serve` runs: energy source, engine (tier policy), ledger (recovered), metrics, app."""
+    from tokenfab.engine.llm_engine import LLMEngine
+    from tokenfab.meter.energy import detect
+
+    mc = settings.meter
+    energy = detect(mc.energy_source, mc.cpu_watts_per_core, mc.idle_watts)
+    ledger = Ledger(settings.ledger.ledger_url)
+    recovered = ledger.recover()
+    if recovered:
+        log.warning("ledger: %d requests were in flight when the server last stopped; recorded as aborted", recovered)
+    core = LLMEngine(settings.engine, loaded=loaded, energy=energy, policy=tier_policy(settings))
+    engine = AsyncEngine(core)
+    metrics = FactoryMetrics(energy.name, energy.measured)
+    app = build_app(settings, engine, ledger, metrics, energy.name)
+    log.info("energy: %s (%s); ledger: %s", energy.name, "measured" if energy.measured else "modelled",
+             settings.ledger.ledger_url)
+    return app, engine, ledger

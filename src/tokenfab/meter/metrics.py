@@ -1,0 +1,38 @@
+"""Prometheus metrics of the factory floor, labelled by tier, tenant and model (one registry per server)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class FactoryMetrics:
+    def __init__(self, energy_source: str, energy_measured: bool) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        lab = ["tier", "tenant", "model"]
+        self.requests = Counter("tokenfab_requests", "Requests finished, by status", [*lab, "status"], registry=r)
+        self.tokens = Counter("tokenfab_tokens", "Tokens by kind (prompt, cached, completion)", [*lab, "kind"],
+                              registry=r)
+        self.ttft = Histogram("tokenfab_ttft_seconds", "Time to first token (server side)", ["tier", "model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("tokenfab_tpot_seconds", "Time per output token after the first", ["tier", "model"],
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("tokenfab_e2e_seconds", "Request latency", ["tier", "model"], buckets=LATENCY_BUCKETS,
+                             registry=r)
+        self.joules = Counter("tokenfab_energy_joules", "Energy attributed to requests", lab, registry=r)
+        self.revenue = Counter("tokenfab_revenue_usd", "Price charged at tier rates", lab, registry=r)
+        self.cost = Counter("tokenfab_cost_usd", "Energy x price x PUE + amortised capex", lab, registry=r)
+        self.rejections = Counter("tokenfab_rejections", "Requests refused before running", ["tier", "reason"],
+                                  registry=r)
+        self.in_flight = Gauge("tokenfab_in_flight", "Admitted requests not yet finished", ["tier"], registry=r)
+        self.queued = Gauge("tokenfab_queued", "Admitted requests waiting for their first token", ["tier"],
+                            registry=r)
+        src = Gauge("tokenfab_energy_source", "Where joules come from (1 = this source)", ["source", "measured"],
+                    registry=r)
+        src.labels(energy_source, str(energy_measured).lower()).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

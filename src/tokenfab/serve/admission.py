@@ -1,0 +1,84 @@
+"""Admission by tier: bounded per-tier queues and early rejection when a tier's SLO cannot be met.
+
+Runs on the event loop (no locks). It tracks, per tier, requests admitted but not yet streaming
+(`queued`, with their prompt tokens) and all admitted requests (`in_flight`), and predicts a new
+request's TTFT from the engine's live step-time model: the prompt tokens ahead of it (its tier and
+faster ones) are processed at the per-step prefill capacity left after decodes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tokenfab.economics.tiers import Tier, TierTable
+from tokenfab.engine.step_model import StepTimeModel
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str  # queue_full | ttft_slo | speed_slo
+    message: str
+    retry_after_s: int
+
+
+class Admission:
+    def __init__(self, tiers: TierTable, step_model: StepTimeModel, max_batched_tokens: int, queue_limit: int,
+                 slack: float = 1.0, enabled: bool = True) -> None:
+        self.tiers = tiers
+        self.model = step_model
+        self.max_batched_tokens = max_batched_tokens
+        self.queue_limit = queue_limit
+        self.slack = slack
+        self.enabled = enabled
+        self.queued = {t.name: 0 for t in tiers}
+        self.queued_tokens = {t.name: 0 for t in tiers}
+        self.in_flight = {t.name: 0 for t in tiers}
+
+    def _faster_or_equal(self, tier: Tier) -> list[Tier]:
+        return [t for t in self.tiers if t.rank <= tier.rank]
+
+    def predict_ttft_s(self, tier: Tier, prompt_tokens: int) -> float:
+        active = [t for t in self.tiers if self.in_flight[t.name] > 0] + [tier]
+        fastest = max(t.slo.min_tok_s_user for t in active)  # the step budget is capped for the fastest tier
+        budget = min(self.max_batched_tokens, self.model.max_tokens_for(fastest))
+        decoding = sum(self.in_flight.values()) - sum(self.queued.values())
+        per_step = max(budget - decoding, budget / 4, 1)
+        ahead = sum(self.queued_tokens[t.name] for t in self._faster_or_equal(tier)) + prompt_tokens
+        return math.ceil(ahead / per_step) * self.model.step_s(budget)
+
+    def check(self, tier: Tier, prompt_tokens: int) -> Rejection | None:
+        if self.queued[tier.name] >= self.queue_limit:
+            return Rejection("queue_full", f"tier '{tier.name}' has {self.queued[tier.name]} requests queued "
+                             f"(limit {self.queue_limit})", self._retry(tier))
+        if not self.enabled:
+            return None
+        cap = self.model.max_tokens_for(tier.slo.min_tok_s_user)
+        decoding = sum(self.in_flight[t.name] - self.queued[t.name] for t in self._faster_or_equal(tier))
+        if decoding + 1 > cap and decoding > 0:
+            return Rejection("speed_slo", f"tier '{tier.name}' cannot hold {tier.slo.min_tok_s_user:g} tok/s per user "
+                             f"with {decoding + 1} streams of its priority or higher (the engine's step time allows "
+                             f"{cap})", self._retry(tier))
+        ttft = self.predict_ttft_s(tier, prompt_tokens)
+        if ttft * 1000 > tier.slo.max_ttft_p95_ms * self.slack:
+            return Rejection("ttft_slo", f"tier '{tier.name}' would wait ~{ttft:.1f}s for a first token "
+                             f"(SLO {tier.slo.max_ttft_p95_ms / 1000:g}s) at the current load", self._retry(tier, ttft))
+        return None
+
+    def _retry(self, tier: Tier, predicted_s: float | None = None) -> int:
+        wait = predicted_s - tier.slo.max_ttft_p95_ms / 1000 if predicted_s else self.model.step_s(
+            self.max_batched_tokens) * max(1, self.queued[tier.name])
+        return max(1, math.ceil(wait))
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+    def admitted(self, tier: str, prompt_tokens: int) -> None:
+        self.queued[tier] += 1
+        self.queued_tokens[tier] += prompt_tokens
+        self.in_flight[tier] += 1
+
+    def started(self, tier: str, prompt_tokens: int) -> None:
+        self.queued[tier] -= 1
+        self.queued_tokens[tier] -= prompt_tokens
+
+    def finished(self, tier: str) -> None:
+        self.in_flight[tier] -= 1
