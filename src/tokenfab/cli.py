@@ -55,6 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--since", default=None, help="ISO date/time or unix seconds")
     us.add_argument("--format", default="table", choices=["table", "csv", "json"])
     us.add_argument("--limit", type=int, default=None)
+    cv = sub.add_parser("curve", help="predict the throughput-interactivity curve of hardware x model")
+    cv.add_argument("--hardware", required=True)
+    cv.add_argument("--model", required=True)
+    cv.add_argument("--precision", default=None, help="fp4 | fp8 | bf16 (default: fp4 where supported, else fp8)")
+    cv.add_argument("--isl", type=int, default=1024)
+    cv.add_argument("--osl", type=int, default=1024)
+    cv.add_argument("--mode", default="aggregated", choices=["aggregated", "disaggregated", "sram-decode"])
+    cv.add_argument("--prefill-hardware", default=None, help="the GPU pool for sram-decode / disaggregated prefill")
+    cv.add_argument("--parallelism", default=None, help="comma-separated devices per replica (default: all that fit)")
+    cv.add_argument("--catalog", action="append", default=[], help="extra YAML with hardware:/models: entries")
+    cv.add_argument("--out", default=None, help="write the Curve JSON and a PNG chart here (path without suffix)")
+    pl = sub.add_parser("plan", help="plan a factory: power split across tiers and hardware, revenue, cost")
+    pl.add_argument("factory", help="factory YAML (see docs/economics.md)")
+    pl.add_argument("--out", default="plan-out", help="folder for plan.md and charts")
+    cl = sub.add_parser("claims", help="recompute the keynote's claims with the performance model")
+    cl.add_argument("--out", default=None, help="folder for claims.md and charts")
     for p in (keys, us):
         p.add_argument("--config", default=None, help="path to tokenfab.yaml")
         p.add_argument("--ledger-url", dest="ledger_url", default=None, help="ledger database URL")
@@ -339,10 +355,77 @@ def cmd_usage(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curve(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tokenfab.bench import charts
+    from tokenfab.perf.catalog import Catalog, CatalogError
+    from tokenfab.perf.model import Scenario, sweep
+
+    try:
+        cat = Catalog.default(ns.catalog)
+        hw, model = cat.hw(ns.hardware), cat.model(ns.model)
+        prec = ns.precision or ("fp4" if "fp4" in hw.tflops else "fp8")
+        pre = cat.hw(ns.prefill_hardware) if ns.prefill_hardware else None
+        par = [int(x) for x in ns.parallelism.split(",")] if ns.parallelism else None
+        curve = sweep(Scenario(model, hw, prec, ns.isl, ns.osl, mode=ns.mode, prefill_hardware=pre), parallelisms=par)
+    except (CatalogError, ValueError, KeyError) as exc:
+        raise UsageError(f"tokenfab curve: {str(exc).splitlines()[0]}") from None
+    front = curve.frontier()
+    print(f"{curve.name}: {len(curve.points)} points, {len(front.points)} on the frontier")
+    print(f"{'devices':>8} {'conc':>6} {'tok/s/user':>11} {'tok/s/device':>13} {'tok/s/MW':>12} {'TTFT ms':>9} "
+          f"{'J/token':>9} {'$/M tok':>9}")
+    for p in front.points:
+        e = p.extra
+        print(f"{e.get('devices_per_replica', 0):8.1f} {p.concurrency:6g} {p.tok_s_user:11.1f} {p.tok_s_device:13,.1f} "
+              f"{e['tok_s_per_mw']:12,.0f} {p.ttft_ms:9.0f} {p.j_per_token:9.3f} {e['usd_per_mtok']:9.3f}")
+    if ns.out:
+        curve.save(Path(ns.out).with_suffix(".json"))
+        charts.plot_png([(curve.name, front)], Path(ns.out).with_suffix(".png"), title=curve.name)
+        print(f"wrote {ns.out}.json and {ns.out}.png")
+    return 0
+
+
+def cmd_plan(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tokenfab.economics.planner import PlanError
+    from tokenfab.economics.report import run_plan
+
+    try:
+        _, text = run_plan(ns.factory, Path(ns.out))
+    except PlanError as exc:
+        raise UsageError(f"tokenfab plan: {exc}") from None
+    print(text)
+    print(f"wrote {ns.out}/plan.md, curves.png, revenue.png")
+    return 0
+
+
+def cmd_claims(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tokenfab.economics.claims import charts_for, compute, markdown
+    from tokenfab.perf.model import Efficiency
+
+    eff = Efficiency()
+    rows, systems = compute(eff=eff)
+    text = markdown(rows, systems, eff)
+    if ns.out:
+        out = Path(ns.out)
+        out.mkdir(parents=True, exist_ok=True)
+        charts_for(systems, out)
+        text = text.replace("# The keynote's claims, recomputed\n", "# The keynote's claims, recomputed\n\n"
+                            "![frontiers](claims-curves.png)\n")
+        (out / "claims.md").write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         ns = build_parser().parse_args(argv)
-        return {"serve": cmd_serve, "bench": cmd_bench, "keys": cmd_keys, "usage": cmd_usage}[ns.command](ns)
+        return {"serve": cmd_serve, "bench": cmd_bench, "keys": cmd_keys, "usage": cmd_usage, "curve": cmd_curve,
+                "plan": cmd_plan, "claims": cmd_claims}[ns.command](ns)
     except (UsageError, ConfigError) as exc:
         print(str(exc).splitlines()[0] if str(exc) else "usage error", file=sys.stderr)
         return 2

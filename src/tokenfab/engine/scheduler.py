@@ -90,8 +90,9 @@ class Scheduler:
     def token_budget(self) -> int:
         """The step's token budget: capped so the fastest tier with running sequences keeps its speed."""
         budget = self.max_num_batched_tokens
-        if self.policy and self.running:
-            fastest = min(self._rank(s, len(self.policy)) for s in self.running)
+        if self.policy and (self.running or self.waiting):
+            n = len(self.policy)
+            fastest = min(self._rank(s, n) for s in (*self.running, *self.waiting))
             budget = min(budget, self.step_model.max_tokens_for(self.policy[fastest].min_tok_s_user))
         return max(budget, 1)
 

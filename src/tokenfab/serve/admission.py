@@ -32,6 +32,7 @@ class Admission:
         self.slack = slack
         self.enabled = enabled
         self.queued = {t.name: 0 for t in tiers}
+        self.ttft_ewma_s = {t.name: 0.0 for t in tiers}  # recent admission -> first token, per tier
         self.queued_tokens = {t.name: 0 for t in tiers}
         self.in_flight = {t.name: 0 for t in tiers}
 
@@ -42,9 +43,13 @@ class Admission:
         active = [t for t in self.tiers if self.in_flight[t.name] > 0] + [tier]
         fastest = max(t.slo.min_tok_s_user for t in active)  # the step budget is capped for the fastest tier
         budget = min(self.max_batched_tokens, self.model.max_tokens_for(fastest))
-        decoding = sum(self.in_flight.values()) - sum(self.queued.values())
-        per_step = max(budget - decoding, budget / 4, 1)
-        ahead = sum(self.queued_tokens[t.name] for t in self._faster_or_equal(tier)) + prompt_tokens
+        # prefill capacity per step left to this tier: the budget less the decodes of its own and faster
+        # tiers and the guaranteed shares of slower tiers with work, but never below its own guarantee
+        mine = self._faster_or_equal(tier)
+        decoding = sum(self.in_flight[t.name] - self.queued[t.name] for t in mine)
+        reserved = sum(t.guaranteed_share * budget for t in self.tiers if t.rank > tier.rank and self.in_flight[t.name])
+        per_step = max(budget - decoding - reserved, tier.guaranteed_share * budget, 1)
+        ahead = sum(self.queued_tokens[t.name] for t in mine) + prompt_tokens
         return math.ceil(ahead / per_step) * self.model.step_s(budget)
 
     def check(self, tier: Tier, prompt_tokens: int) -> Rejection | None:
@@ -59,6 +64,12 @@ class Admission:
             return Rejection("speed_slo", f"tier '{tier.name}' cannot hold {tier.slo.min_tok_s_user:g} tok/s per user "
                              f"with {decoding + 1} streams of its priority or higher (the engine's step time allows "
                              f"{cap})", self._retry(tier))
+        limit_s = tier.slo.max_ttft_p95_ms / 1000 * self.slack
+        recent = self.ttft_ewma_s[tier.name]
+        if self.queued[tier.name] > 0 and recent > limit_s:  # observed: recent requests already missed it
+            return Rejection("ttft_slo", f"tier '{tier.name}' recently took ~{recent:.1f}s to a first token "
+                             f"(SLO {limit_s:g}s) and {self.queued[tier.name]} requests are waiting",
+                             self._retry(tier, recent))
         ttft = self.predict_ttft_s(tier, prompt_tokens)
         if ttft * 1000 > tier.slo.max_ttft_p95_ms * self.slack:
             return Rejection("ttft_slo", f"tier '{tier.name}' would wait ~{ttft:.1f}s for a first token "
@@ -76,9 +87,12 @@ class Admission:
         self.queued_tokens[tier] += prompt_tokens
         self.in_flight[tier] += 1
 
-    def started(self, tier: str, prompt_tokens: int) -> None:
+    def started(self, tier: str, prompt_tokens: int, waited_s: float | None = None) -> None:
         self.queued[tier] -= 1
         self.queued_tokens[tier] -= prompt_tokens
+        if waited_s is not None:
+            old = self.ttft_ewma_s[tier]
+            self.ttft_ewma_s[tier] = waited_s if old == 0 else 0.8 * old + 0.2 * waited_s
 
     def finished(self, tier: str) -> None:
         self.in_flight[tier] -= 1

@@ -52,6 +52,7 @@ class Ctx:
     tier: Tier
     prompt_tokens: int
     max_tokens: int
+    admitted_s: float = 0.0
     started: bool = False
 
 
@@ -182,7 +183,7 @@ class Gateway:
         self.admission.admitted(tier.name, len(prompt_ids))
         self.metrics.in_flight.labels(tier.name).inc()
         self.metrics.queued.labels(tier.name).inc()
-        return Ctx(rid, principal, tier, len(prompt_ids), params.max_tokens)
+        return Ctx(rid, principal, tier, len(prompt_ids), params.max_tokens, time.monotonic())
 
     def _record(self, ctx: Ctx, last: RequestOutput | None, status: str, error: str | None,
                 completion_tokens: int) -> UsageRecord:
@@ -226,10 +227,11 @@ class Gateway:
         if rec.e2e_ms is not None:
             mt.e2e.labels(rec.tier, rec.model).observe(rec.e2e_ms / 1000)
 
-    def _mark_started(self, ctx: Ctx) -> None:
+    def _mark_started(self, ctx: Ctx, first_token: bool = False) -> None:
         if not ctx.started:
             ctx.started = True
-            self.admission.started(ctx.tier.name, ctx.prompt_tokens)
+            waited = time.monotonic() - ctx.admitted_s if first_token else None
+            self.admission.started(ctx.tier.name, ctx.prompt_tokens, waited)
             self.metrics.queued.labels(ctx.tier.name).dec()
 
     def _end(self, ctx: Ctx, rec: UsageRecord) -> None:
@@ -249,7 +251,7 @@ class Gateway:
         status = "aborted"
         try:
             async for out in agen:
-                self._mark_started(ctx)
+                self._mark_started(ctx, first_token=True)
                 tokens += len(out.token_ids)
                 if out.finished:
                     rec = self._record(ctx, out, "completed", None, tokens)

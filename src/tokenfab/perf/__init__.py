@@ -1,0 +1,1 @@
+"""Performance model: hardware and model catalogs, a roofline step model, disaggregation, calibration (pure)."""

@@ -1,0 +1,115 @@
+"""Hardware and model catalogs (YAML data in this package, plus user files); lookups suggest close matches."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BYTES_PER_PARAM = {"fp4": 0.5625, "fp8": 1.0, "int8": 1.0, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0}  # fp4 incl. scales
+
+
+class CatalogError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    kind: str  # gpu | sram | cpu
+    memory_gb: float
+    mem_bw_tb_s: float
+    tflops: dict[str, float]
+    scaleup_domain: int
+    scaleup_bw_gb_s: float
+    tdp_w: float
+    kw_all_in: float
+    usd_per_device_hour: float
+    aliases: tuple[str, ...] = ()
+    sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def peak_tflops(self, precision: str) -> float:
+        if precision in self.tflops:
+            return self.tflops[precision]
+        # no native support: run at the next wider precision the device has
+        for wider in ("fp8", "bf16", "fp16", "fp32"):
+            if BYTES_PER_PARAM.get(wider, 9) >= BYTES_PER_PARAM[precision] and wider in self.tflops:
+                return self.tflops[wider]
+        raise CatalogError(f"{self.name} lists no compute for {precision} (has {', '.join(self.tflops)})")
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    total_params_b: float
+    active_params_b: float
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    kv_elems_per_token_layer: int
+    vocab: int
+    expert_params_b: float = 0.0
+    experts: int = 0
+    experts_active: int = 0
+    aliases: tuple[str, ...] = ()
+    source: str = ""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 0
+
+    def kv_bytes_per_token(self, kv_bytes: float) -> float:
+        return self.layers * self.kv_elems_per_token_layer * kv_bytes
+
+
+def _load(text: str, key: str, cls: type) -> list[Any]:
+    data = yaml.safe_load(text) or {}
+    out = []
+    for item in data.get(key, []):
+        item = dict(item)
+        item["aliases"] = tuple(item.get("aliases", ()))
+        try:
+            out.append(cls(**item))
+        except TypeError as exc:
+            raise CatalogError(f"{key} entry {item.get('name', '?')}: {exc}") from None
+    return out
+
+
+class Catalog:
+    def __init__(self, hardware: list[Hardware], models: list[Model]) -> None:
+        self.hardware = {h.name: h for h in hardware}
+        self.models = {m.name: m for m in models}
+
+    @classmethod
+    def default(cls, extra: list[str | Path] = ()) -> Catalog:
+        pkg = resources.files("tokenfab.perf")
+        hw = _load(pkg.joinpath("hardware.yaml").read_text(), "hardware", Hardware)
+        ms = _load(pkg.joinpath("models.yaml").read_text(), "models", Model)
+        for p in extra:
+            text = Path(p).read_text()
+            hw += _load(text, "hardware", Hardware)
+            ms += _load(text, "models", Model)
+        return cls(hw, ms)
+
+    @staticmethod
+    def _find(kind: str, table: dict[str, Any], name: str) -> Any:
+        low = name.lower()
+        for item in table.values():
+            if item.name.lower() == low or low in (a.lower() for a in item.aliases):
+                return item
+        names = list(table) + [a for it in table.values() for a in it.aliases]
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise CatalogError(f"unknown {kind} {name!r}{hint} (known: {', '.join(table)})")
+
+    def hw(self, name: str) -> Hardware:
+        return self._find("hardware", self.hardware, name)
+
+    def model(self, name: str) -> Model:
+        return self._find("model", self.models, name)

@@ -1,0 +1,133 @@
+"""The performance model and the economics, checked against hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tokenfab.curve import Curve, OperatingPoint, Provenance
+from tokenfab.economics.cost import request_cost_usd, usd_per_mtok_from_device_hour
+from tokenfab.economics.planner import HardwareOption, PlanError, TierDemand, plan_factory
+from tokenfab.economics.tiers import SLO, Tier, TierError, TierTable, default_tiers
+from tokenfab.perf.calibrate import calibrate, errors, load_anchors, predict
+from tokenfab.perf.catalog import Catalog, CatalogError
+from tokenfab.perf.model import DoesNotFit, Efficiency, Scenario, check_fit, decode_step_s, point, sweep
+
+CAT = Catalog.default()
+IDEAL = Efficiency(eff_mem=1.0, eff_compute=1.0, eff_prefill=1.0, eff_comm=1.0, step_overhead_s=0.0,
+                   layer_latency_s=0.0)
+
+
+def test_decode_step_of_a_dense_model_is_bytes_over_bandwidth():
+    m, h = CAT.model("Llama-3.1-8B"), CAT.hw("H100")
+    s = Scenario(m, h, "bf16", isl=1024, osl=1024)
+    weights = 8.03e9 * 2
+    kv = 1 * (1024 + 512) * 32 * 2048 * 2  # one sequence, mean context, bf16 KV
+    expected = (weights + kv) / 3.35e12
+    assert decode_step_s(s, 1, 1, IDEAL) == pytest.approx(expected, rel=1e-9)
+    assert expected * 1000 == pytest.approx(4.854, abs=0.01)
+    # at a large batch the same step becomes compute-bound
+    flops = 2 * 8.03e9 * 512 + 4 * 512 * 1536 * 32 * 32 * 128
+    assert decode_step_s(s, 1, 512, IDEAL) == pytest.approx(max(flops / 989e12, (weights + 512 * kv) / 3.35e12))
+
+
+def test_moe_reads_only_touched_experts():
+    s = Scenario(CAT.model("DeepSeek-R1"), CAT.hw("GB300"), "fp4", 1024, 1024)
+    one = decode_step_s(s, 8, 1, IDEAL)
+    many = decode_step_s(s, 8, 256, IDEAL)
+    assert one < many < 256 * one
+
+
+def test_usd_per_mtok_matches_inferencex_formula():
+    assert usd_per_mtok_from_device_hour(2.0, 1000.0) == pytest.approx(2.0 * 1e6 / (1000.0 * 3600))
+    p = point(Scenario(CAT.model("Llama-3.1-70B"), CAT.hw("H200"), "fp8", 1024, 1024), 4, 32)
+    assert p.extra["usd_per_mtok"] == pytest.approx(1.41 * 1e6 / (p.tok_s_device * 3600))
+    assert request_cost_usd(3.6e6, 3600, 0.10, 1.5, 2.0) == pytest.approx(0.15 + 2.0)
+
+
+def test_curve_frontier_trades_speed_for_throughput():
+    c = sweep(Scenario(CAT.model("Llama-3.1-70B"), CAT.hw("H200"), "fp8", 1024, 1024)).frontier()
+    xs = [p.tok_s_user for p in c.points]
+    ys = [p.tok_s_device for p in c.points]
+    assert xs == sorted(xs) and ys == sorted(ys, reverse=True) and len(c.points) >= 3
+    assert c.provenance.kind == "predicted"
+
+
+def _opt(name, tpm_by_speed):
+    pts = tuple(OperatingPoint(1, speed, tpm * 1.0, extra={"kw_per_device": 1000.0}) for speed, tpm in tpm_by_speed)
+    return HardwareOption(name, Curve(name, pts, Provenance("predicted", "t", "t", "now")), 1000.0, 0.0)
+
+
+def test_two_tier_lp_has_the_obvious_optimum():
+    tiers = TierTable((Tier("fast", 0, 10.0, SLO(1000, 100), rank=0), Tier("slow", 0, 1.0, SLO(1000, 10), rank=1)))
+    hw = _opt("x", [(100, 100.0), (10, 500.0)])  # tok/s per MW: 100 at the fast speed, 500 at the slow one
+    plan = plan_factory(1.0, tiers, [hw])
+    assert [(a["tier"], round(a["share"], 6)) for a in plan.allocation] == [("fast", 1.0)]  # $1000/MW-s vs $500
+    capped = plan_factory(1.0, tiers, [hw], {"fast": TierDemand(max_share=0.6)})
+    shares = {a["tier"]: a["share"] for a in capped.allocation}
+    assert shares == pytest.approx({"fast": 0.6, "slow": 0.4})
+    assert capped.revenue_usd_per_year == pytest.approx((0.6 * 100 * 10 + 0.4 * 500 * 1) / 1e6 * 365 * 24 * 3600)
+    demand = plan_factory(1.0, tiers, [hw], {"fast": TierDemand(max_tok_s=30.0)})
+    assert {a["tier"]: a["tok_s"] for a in demand.allocation}["fast"] == pytest.approx(30.0)
+
+
+def test_impossible_slo_names_the_tier():
+    tiers = TierTable((Tier("ultra", 0, 150.0, SLO(100, 5000), rank=0), Tier("free", 0, 0.0, SLO(1000, 1), rank=1)))
+    hw = _opt("x", [(100, 100.0)])
+    with pytest.raises(PlanError, match="tier ultra needs 5000 tok/s per user"):
+        plan_factory(1.0, tiers, [hw], {"ultra": TierDemand(min_share=0.25)})
+    assert plan_factory(1.0, tiers, [hw]).unserved == ["ultra"]
+
+
+def test_bad_names_list_close_matches_and_memory_shortfall_is_quantified():
+    with pytest.raises(CatalogError, match="did you mean H200"):
+        CAT.hw("H2000")
+    with pytest.raises(CatalogError, match="Llama-3.1-70B"):
+        CAT.model("llama-3.1-7OB")
+    s = Scenario(CAT.model("Llama-3.1-70B"), CAT.hw("H100"), "bf16", 1024, 1024)
+    with pytest.raises(DoesNotFit, match=r"needs 142 GB but 1 x H100 offer 72 GB usable: 70 GB missing"):
+        check_fit(s, 1, 1, Efficiency())
+
+
+def test_tier_table_validation():
+    assert default_tiers().names[0] == "premium"
+    with pytest.raises(TierError, match="guaranteed shares add up to 1.20"):
+        TierTable((Tier("a", 0, 0, SLO(1, 1), 0.6), Tier("b", 0, 0, SLO(1, 1), 0.6)))
+    with pytest.raises(TierError, match="unique"):
+        TierTable((Tier("a", 0, 0, SLO(1, 1)), Tier("a", 0, 0, SLO(1, 1))))
+
+
+def test_calibration_recovers_known_efficiencies():
+    truth = Efficiency(eff_mem=0.55, eff_compute=0.30, eff_prefill=0.4, step_overhead_s=0.004)
+    anchors = [a for a in load_anchors() if a.metric == "tok_s_gpu"]
+    synthetic = [type(a)(**{**a.__dict__, "value": predict(CAT, a, truth)}) for a in anchors]
+    fitted = calibrate(CAT, synthetic)
+    errs = [abs(e) for e in errors(CAT, synthetic, fitted)]
+    assert max(errs) < 0.05
+
+
+def test_claims_are_computed_with_verdicts():
+    from tokenfab.economics.claims import compute
+
+    rows, systems = compute()
+    assert len(rows) == 8 and all(r["verdict"] for r in rows)
+    assert all(math.isfinite(r["model"]) and r["model"] > 1 for r in rows)  # every newer system is ahead
+    assert systems["VR200"].revenue_per_year() > systems["GB300"].revenue_per_year() > systems["H200"].revenue_per_year()
+
+
+def test_plan_and_curve_cli(tmp_path):
+    f = tmp_path / "factory.yaml"
+    f.write_text("power_mw: 100\nmodel: DeepSeek-R1\nisl: 8192\nosl: 1024\nhardware:\n  - {name: GB300}\n"
+                 "  - {name: H200, precision: fp8, capex_usd_per_device: 30000}\n"
+                 "demand:\n  free: {min_share: 0.1}\n")
+    r = subprocess.run([sys.executable, "-m", "tokenfab.cli", "plan", str(f), "--out", str(tmp_path / "p")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "p" / "plan.md").read_text()
+    assert "annual revenue" in md and (tmp_path / "p" / "curves.png").stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, "-m", "tokenfab.cli", "curve", "--hardware", "H20", "--model", "DeepSeek-R1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "did you mean H200" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
