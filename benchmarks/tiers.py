@@ -38,7 +38,7 @@ TIERS = [
     {"name": "premium", "usd_per_mtok_input": 37.5, "usd_per_mtok_output": 150.0,
      "slo": {"max_ttft_p95_ms": 2000, "min_tok_s_user": 15}, "guaranteed_share": 0.3, "max_share": 0.7},
     {"name": "standard", "usd_per_mtok_input": 0.75, "usd_per_mtok_output": 3.0,
-     "slo": {"max_ttft_p95_ms": 8000, "min_tok_s_user": 6}, "guaranteed_share": 0.3, "max_share": 1.0},
+     "slo": {"max_ttft_p95_ms": 8000, "min_tok_s_user": 6}, "guaranteed_share": 0.1, "max_share": 1.0},
     {"name": "free", "usd_per_mtok_input": 0.0, "usd_per_mtok_output": 0.0,
      "slo": {"max_ttft_p95_ms": 30000, "min_tok_s_user": 2}, "guaranteed_share": 0.15, "max_share": 1.0},
 ]

@@ -182,7 +182,8 @@ class LLMEngine:
         total = sum(n for _, n in scheduled)
         dt = time.monotonic() - t0
         joules = (self.energy.read_j() - e0) if self.energy is not None else 0.0
-        self.step_model.observe(total, dt)
+        decodes = sum(1 for _, n in scheduled if n == 1)
+        self.step_model.observe(decodes, total - decodes, dt)
         for seq, n in scheduled:
             seq.num_computed += n
             self.block_manager.register_computed(seq)

@@ -87,26 +87,30 @@ class Scheduler:
     def _rank(self, seq: Sequence, n: int) -> int:
         return min(max(seq.priority, 0), n - 1)
 
-    def token_budget(self) -> int:
-        """The step's token budget: capped so the fastest tier with running sequences keeps its speed."""
-        budget = self.max_num_batched_tokens
+    def time_budget_s(self) -> float:
+        """Seconds of work a step may hold so the fastest tier with work keeps its tok/s per user."""
         if self.policy and (self.running or self.waiting):
             n = len(self.policy)
             fastest = min(self._rank(s, n) for s in (*self.running, *self.waiting))
-            budget = min(budget, self.step_model.max_tokens_for(self.policy[fastest].min_tok_s_user))
-        return max(budget, 1)
+            return self.step_model.time_for(self.policy[fastest].min_tok_s_user)
+        return float("inf")
 
     def _schedule_tiers(self, policy: tuple[TierClass, ...]) -> list[tuple[Sequence, int]]:
         """Guaranteed shares first, then priority order up to each tier's max share, then any leftover.
 
-        Within a tier: decodes (1 token), unfinished prefills (chunks), then admissions. A waiting
-        sequence that cannot get blocks or a slot may preempt a running sequence of a lower tier.
+        Shares are of the step's time budget (decodes and prefill tokens cost what the live step
+        model says), within the token budget. Within a tier: decodes (1 token), unfinished prefills
+        (chunks), then admissions. A waiting sequence that cannot get blocks or a slot may preempt a
+        running sequence of a lower tier.
         """
         n_tiers = len(policy)
-        budget = self.token_budget()
-        self.last_budget = budget
-        left = budget
-        used = [0] * n_tiers
+        m = self.step_model
+        budget_s = self.time_budget_s()
+        if budget_s == float("inf"):  # no speed SLO: every decode plus a full prefill budget
+            budget_s = m.b_dec_s * len(self.running) + m.b_pre_s * self.max_num_batched_tokens
+        left_s = budget_s
+        left_tok = self.max_num_batched_tokens
+        used = [0.0] * n_tiers
         out: dict[str, tuple[Sequence, int]] = {}
         preempted: set[str] = set()
         key = lambda s: (s.priority, s.arrival_s)  # noqa: E731
@@ -117,25 +121,43 @@ class Scheduler:
         for s in sorted(self.waiting, key=key):
             waiting[self._rank(s, n_tiers)].append(s)
 
-        def fill(rank: int, cap: int) -> None:
-            nonlocal left
+        def take(rank: int, seq: Sequence, want: int, cap_s: float) -> int:
+            """Schedule up to `want` tokens of `seq` within the tier's cap; returns how many (0 = none)."""
+            nonlocal left_s, left_tok
+            if want == 1:
+                cost = m.b_dec_s
+                if cost > min(left_s, cap_s - used[rank]) + 1e-12 and out:
+                    return 0
+                n = 1
+            else:
+                room = min(left_s, cap_s - used[rank])
+                n = min(want, left_tok, int(room / m.b_pre_s))
+                if n <= 0:
+                    if out:
+                        return 0
+                    n = min(want, left_tok, 1)  # an empty step always makes progress
+                cost = n * m.b_pre_s
+            if n > left_tok:
+                return 0
+            out[seq.seq_id] = (seq, n)
+            used[rank] += cost
+            left_s -= cost
+            left_tok -= n
+            return n
+
+        def fill(rank: int, cap_s: float) -> None:
             for seq in by_rank[rank]:  # decodes, then unfinished prefills
-                if left <= 0 or used[rank] >= cap:
+                if left_s <= 0 or left_tok <= 0 or used[rank] >= cap_s:
                     return
                 if seq.seq_id in out or seq.status is not Status.RUNNING:
                     continue
                 remaining = len(seq) - seq.num_computed
-                if remaining == 1:
-                    if not self._grow(seq):
-                        preempted.add(seq.seq_id)
-                        continue
-                    n = 1
-                else:
-                    n = min(remaining, left, cap - used[rank])
-                out[seq.seq_id] = (seq, n)
-                used[rank] += n
-                left -= n
-            while waiting[rank] and left > 0 and used[rank] < cap:
+                if remaining == 1 and not self._grow(seq):
+                    preempted.add(seq.seq_id)
+                    continue
+                if not take(rank, seq, remaining, cap_s):
+                    return
+            while waiting[rank] and left_s > 0 and left_tok > 0 and used[rank] < cap_s:
                 seq = waiting[rank][0]
                 if seq.seq_id in preempted:
                     waiting[rank].pop(0)
@@ -148,17 +170,17 @@ class Scheduler:
                 seq.status = Status.RUNNING
                 self.running.append(seq)
                 by_rank[rank].append(seq)
-                n = min(len(seq) - seq.num_computed, left, cap - used[rank])
-                out[seq.seq_id] = (seq, n)
-                used[rank] += n
-                left -= n
+                if not take(rank, seq, len(seq) - seq.num_computed, cap_s):
+                    return
 
         for rank in range(n_tiers):  # 1. guaranteed shares
-            fill(rank, max(1, int(policy[rank].guaranteed_share * budget)) if policy[rank].guaranteed_share else 0)
+            if policy[rank].guaranteed_share:
+                fill(rank, policy[rank].guaranteed_share * budget_s)
         for rank in range(n_tiers):  # 2. priority order, up to each max share
-            fill(rank, max(1, int(policy[rank].max_share * budget)))
+            fill(rank, policy[rank].max_share * budget_s)
         for rank in range(n_tiers):  # 3. work-conserving: leftover budget to anyone
-            fill(rank, budget)
+            fill(rank, budget_s)
+        self.last_budget = budget_s
         return [(s, n) for s, n in out.values() if s.status is Status.RUNNING]
 
     def _make_room(self, seq: Sequence, rank: int, n_tiers: int, preempted: set[str]) -> bool:

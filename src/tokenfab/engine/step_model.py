@@ -1,47 +1,55 @@
-"""A live model of step time: step_s ~= a + b x tokens, fitted online (exponentially weighted least squares).
+"""A live model of step time: step_s ~= a + b_dec x decodes + b_pre x prefill tokens, fitted online.
 
-The scheduler uses it to cap a step's tokens so the fastest tier with work keeps its tok/s per user;
-admission uses it to predict TTFT. Starts from priors and follows the machine.
+Exponentially weighted least squares over recent steps (decode rows cost more per token than
+prefill rows: each reads its own KV and they batch less efficiently). The scheduler uses it to fit a
+step into the time that keeps the fastest tier with work at its tok/s per user; admission uses it to
+predict TTFT. It starts from priors and follows the machine.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 
 class StepTimeModel:
-    def __init__(self, a_s: float = 0.008, b_s: float = 0.0008, decay: float = 0.98) -> None:
+    def __init__(self, a_s: float = 0.008, b_dec_s: float = 0.0008, b_pre_s: float = 0.0005,
+                 decay: float = 0.98) -> None:
         self.decay = decay
-        # weighted sums for least squares, seeded with two prior points (weight ~ 2 observations)
-        self._w = 0.0
-        self._t = self._tt = self._y = self._ty = 0.0
-        for t in (1.0, 64.0):
-            self._add(t, a_s + b_s * t, 1.0)
-        self.a_s, self.b_s = a_s, b_s
+        self.a_s, self.b_dec_s, self.b_pre_s = a_s, b_dec_s, b_pre_s
+        self._xtx = np.zeros((3, 3))
+        self._xty = np.zeros(3)
+        for d, p in ((1, 0), (32, 0), (0, 256), (8, 128)):  # prior pseudo-observations
+            self._add(d, p, a_s + b_dec_s * d + b_pre_s * p, 0.5)
         self.observations = 0
 
-    def _add(self, t: float, y: float, w: float) -> None:
-        self._w += w
-        self._t += w * t
-        self._tt += w * t * t
-        self._y += w * y
-        self._ty += w * t * y
+    def _add(self, dec: float, pre: float, y: float, w: float = 1.0) -> None:
+        x = np.array([1.0, dec, pre])
+        self._xtx += w * np.outer(x, x)
+        self._xty += w * x * y
 
-    def observe(self, tokens: int, step_s: float) -> None:
-        d = self.decay
-        self._w, self._t, self._tt, self._y, self._ty = (d * self._w, d * self._t, d * self._tt, d * self._y,
-                                                          d * self._ty)
-        self._add(float(tokens), step_s, 1.0)
+    def observe(self, decodes: int, prefill_tokens: int, step_s: float) -> None:
+        self._xtx *= self.decay
+        self._xty *= self.decay
+        self._add(decodes, prefill_tokens, step_s)
         self.observations += 1
-        var = self._tt / self._w - (self._t / self._w) ** 2
-        if var > 1e-9:
-            b = (self._ty / self._w - self._t / self._w * self._y / self._w) / var
-            self.b_s = max(b, 1e-6)
-            self.a_s = max(self._y / self._w - self.b_s * self._t / self._w, 1e-4)
+        try:
+            a, bd, bp = np.linalg.solve(self._xtx + 1e-9 * np.eye(3), self._xty)
+        except np.linalg.LinAlgError:
+            return
+        self.a_s = float(max(a, 1e-4))
+        self.b_dec_s = float(max(bd, 1e-6))
+        self.b_pre_s = float(max(bp, 1e-6))
 
-    def step_s(self, tokens: int) -> float:
-        return self.a_s + self.b_s * tokens
+    def step_s(self, decodes: int, prefill_tokens: int = 0) -> float:
+        return self.a_s + self.b_dec_s * decodes + self.b_pre_s * prefill_tokens
 
-    def max_tokens_for(self, min_tok_s_user: float) -> int:
-        """Most tokens per step that keep every decoding sequence at `min_tok_s_user` (at least 1)."""
+    def time_for(self, min_tok_s_user: float) -> float:
+        """Seconds of work (beyond the fixed cost) a step may hold and still give `min_tok_s_user`."""
         if min_tok_s_user <= 0:
-            return 1 << 30
-        return max(1, int((1.0 / min_tok_s_user - self.a_s) / self.b_s))
+            return float("inf")
+        return max(1.0 / min_tok_s_user - self.a_s, self.b_dec_s)
+
+    def max_decodes_for(self, min_tok_s_user: float) -> int:
+        """Most decoding sequences per step at `min_tok_s_user` (at least 1)."""
+        t = self.time_for(min_tok_s_user)
+        return 1 << 30 if t == float("inf") else max(1, int(t / self.b_dec_s))

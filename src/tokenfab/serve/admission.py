@@ -33,6 +33,7 @@ class Admission:
         self.enabled = enabled
         self.queued = {t.name: 0 for t in tiers}
         self.ttft_ewma_s = {t.name: 0.0 for t in tiers}  # recent admission -> first token, per tier
+        self.speed_ewma = {t.name: 0.0 for t in tiers}  # recent tok/s per user (1/TPOT) of finished requests
         self.queued_tokens = {t.name: 0 for t in tiers}
         self.in_flight = {t.name: 0 for t in tiers}
 
@@ -40,17 +41,20 @@ class Admission:
         return [t for t in self.tiers if t.rank <= tier.rank]
 
     def predict_ttft_s(self, tier: Tier, prompt_tokens: int) -> float:
+        m = self.model
         active = [t for t in self.tiers if self.in_flight[t.name] > 0] + [tier]
-        fastest = max(t.slo.min_tok_s_user for t in active)  # the step budget is capped for the fastest tier
-        budget = min(self.max_batched_tokens, self.model.max_tokens_for(fastest))
-        # prefill capacity per step left to this tier: the budget less the decodes of its own and faster
+        fastest = max(t.slo.min_tok_s_user for t in active)  # steps are sized for the fastest tier with work
+        budget_s = min(m.time_for(fastest), self.max_batched_tokens * m.b_pre_s)
+        # prefill time per step left to this tier: the budget less the decodes of its own and faster
         # tiers and the guaranteed shares of slower tiers with work, but never below its own guarantee
         mine = self._faster_or_equal(tier)
         decoding = sum(self.in_flight[t.name] - self.queued[t.name] for t in mine)
-        reserved = sum(t.guaranteed_share * budget for t in self.tiers if t.rank > tier.rank and self.in_flight[t.name])
-        per_step = max(budget - decoding - reserved, tier.guaranteed_share * budget, 1)
+        reserved = sum(t.guaranteed_share * budget_s for t in self.tiers
+                       if t.rank > tier.rank and self.in_flight[t.name])
+        per_step_s = max(budget_s - decoding * m.b_dec_s - reserved, tier.guaranteed_share * budget_s, m.b_pre_s)
         ahead = sum(self.queued_tokens[t.name] for t in mine) + prompt_tokens
-        return math.ceil(ahead / per_step) * self.model.step_s(budget)
+        steps = math.ceil(ahead * m.b_pre_s / per_step_s)
+        return steps * (m.a_s + budget_s)
 
     def check(self, tier: Tier, prompt_tokens: int) -> Rejection | None:
         if self.queued[tier.name] >= self.queue_limit:
@@ -58,15 +62,21 @@ class Admission:
                              f"(limit {self.queue_limit})", self._retry(tier))
         if not self.enabled:
             return None
-        cap = self.model.max_tokens_for(tier.slo.min_tok_s_user)
+        cap = self.model.max_decodes_for(tier.slo.min_tok_s_user)
         decoding = sum(self.in_flight[t.name] - self.queued[t.name] for t in self._faster_or_equal(tier))
         if decoding + 1 > cap and decoding > 0:
             return Rejection("speed_slo", f"tier '{tier.name}' cannot hold {tier.slo.min_tok_s_user:g} tok/s per user "
                              f"with {decoding + 1} streams of its priority or higher (the engine's step time allows "
                              f"{cap})", self._retry(tier))
+        speed = self.speed_ewma[tier.name]
+        if self.in_flight[tier.name] > 0 and 0 < speed < tier.slo.min_tok_s_user / self.slack:
+            return Rejection("speed_slo", f"tier '{tier.name}' recently delivered {speed:.1f} tok/s per user "
+                             f"(SLO {tier.slo.min_tok_s_user:g}) with {self.in_flight[tier.name]} requests running",
+                             self._retry(tier))
         limit_s = tier.slo.max_ttft_p95_ms / 1000 * self.slack
         recent = self.ttft_ewma_s[tier.name]
-        if self.queued[tier.name] > 0 and recent > limit_s:  # observed: recent requests already missed it
+        # observed: recent requests' mean wait already near the p95 limit and more are waiting
+        if self.queued[tier.name] > 0 and recent > 0.75 * limit_s:
             return Rejection("ttft_slo", f"tier '{tier.name}' recently took ~{recent:.1f}s to a first token "
                              f"(SLO {limit_s:g}s) and {self.queued[tier.name]} requests are waiting",
                              self._retry(tier, recent))
@@ -78,7 +88,7 @@ class Admission:
 
     def _retry(self, tier: Tier, predicted_s: float | None = None) -> int:
         wait = predicted_s - tier.slo.max_ttft_p95_ms / 1000 if predicted_s else self.model.step_s(
-            self.max_batched_tokens) * max(1, self.queued[tier.name])
+            sum(self.in_flight.values())) * max(1, self.queued[tier.name])
         return max(1, math.ceil(wait))
 
     # --- bookkeeping ---------------------------------------------------------------------------
@@ -94,5 +104,8 @@ class Admission:
             old = self.ttft_ewma_s[tier]
             self.ttft_ewma_s[tier] = waited_s if old == 0 else 0.8 * old + 0.2 * waited_s
 
-    def finished(self, tier: str) -> None:
+    def finished(self, tier: str, tpot_s: float | None = None) -> None:
         self.in_flight[tier] -= 1
+        if tpot_s:
+            old = self.speed_ewma[tier]
+            self.speed_ewma[tier] = 1 / tpot_s if old == 0 else 0.8 * old + 0.2 / tpot_s

@@ -236,7 +236,7 @@ class Gateway:
 
     def _end(self, ctx: Ctx, rec: UsageRecord) -> None:
         self._mark_started(ctx)
-        self.admission.finished(ctx.tier.name)
+        self.admission.finished(ctx.tier.name, rec.tpot_ms / 1000 if rec.tpot_ms else None)
         self.metrics.in_flight.labels(ctx.tier.name).dec()
         self._observe(rec)
 

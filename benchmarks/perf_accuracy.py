@@ -1,0 +1,53 @@
+"""Accuracy of tokenfab.perf against every `measured` tok/s row of anchors.csv, before and after calibration.
+
+Calibration fits the named efficiencies on half the rows (every other one) and is scored on the
+other half (held out), then the whole table is shown with both sets of efficiencies.
+
+    python benchmarks/perf_accuracy.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+
+from tokenfab.perf.calibrate import calibrate, errors, load_anchors, mode_for, split
+from tokenfab.perf.catalog import Catalog
+from tokenfab.perf.model import Efficiency
+
+
+def main() -> int:
+    cat = Catalog.default()
+    rows = load_anchors()
+    train, held = split(rows)
+    base = Efficiency()
+    fitted = calibrate(cat, train, base)
+    e0, e1 = errors(cat, rows, base), errors(cat, rows, fitted)
+    print("| row | hardware | model | precision | ISL/OSL | at tok/s/user | metric | measured | predicted (default) "
+          "| error | predicted (calibrated) | error | split |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r, a, b in zip(rows, e0, e1):
+        where = "train" if r in train else "held out"
+        print(f"| {r.label} | {r.hardware} | {r.model} | {r.precision} | {r.isl}/{r.osl} | {r.at_tok_s_user or 'max'} "
+              f"| {r.metric} ({mode_for(r)}) | {r.value:,.0f} | {r.value * (1 + a):,.0f} | {a:+.0%} | "
+              f"{r.value * (1 + b):,.0f} | {b:+.0%} | {where} |")
+
+    def med(es: list[float]) -> float:
+        return statistics.median(abs(e) for e in es)
+
+    held_idx = [i for i, r in enumerate(rows) if r in held]
+    summary = {
+        "median_abs_error_all_default": med(e0), "median_abs_error_all_calibrated": med(e1),
+        "median_abs_error_heldout_default": med([e0[i] for i in held_idx]),
+        "median_abs_error_heldout_calibrated": med([e1[i] for i in held_idx]),
+        "fitted": dataclasses.asdict(fitted), "default": dataclasses.asdict(base),
+    }
+    print()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
