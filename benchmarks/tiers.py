@@ -103,6 +103,7 @@ def main() -> int:
             print(f"{policy}: {n} requests at {rate:.2f}/s ...", flush=True)
             recs = asyncio.run(run_load(ep, jobs, LoadSpec(mode="rate", rate=rate, seed=11)))
             s = summarize(recs, tier_slos=slos)
+            print("  server /health:", httpx.get(f"http://127.0.0.1:{port}/health").json().get("step_model"), flush=True)
             good = sum(1 for r in recs if slos[r.tier].met_by(r))
             results[policy] = {"summary": s, "goodput": good / s["duration_s"], "rate": rate, "requests": n}
         finally:

@@ -203,6 +203,7 @@ class LLMEngine:
             now = time.monotonic()
             for seq, tok in zip(sample_seqs, toks):
                 outputs.append(self._append(seq, tok, now))
+        self.scheduler.observe_step(time.monotonic() - t0)
         self.last_step = StepStats(
             time.monotonic() - t0, sum(n for _, n in scheduled), len(scheduled), sum(1 for _, n in scheduled if n == 1)
         )

@@ -17,6 +17,9 @@ from tokenfab.engine.sequence import Sequence, Status
 from tokenfab.engine.step_model import StepTimeModel
 
 
+SPEED_HEADROOM = 0.85
+
+
 @dataclass(frozen=True)
 class TierClass:
     """What the scheduler needs of a tier; a sequence's `priority` is its index in the policy (0 = first)."""
@@ -34,6 +37,8 @@ class Scheduler:
         self.policy = policy
         self.step_model = step_model or StepTimeModel()
         self.last_budget = max_num_batched_tokens
+        self.budget_scale = 1.0  # feedback on the step model: shrinks when steps overrun their target
+        self.target_step_s = float("inf")
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -89,11 +94,22 @@ class Scheduler:
 
     def time_budget_s(self) -> float:
         """Seconds of work a step may hold so the fastest tier with work keeps its tok/s per user."""
+        self.target_step_s = float("inf")
         if self.policy and (self.running or self.waiting):
             n = len(self.policy)
             fastest = min(self._rank(s, n) for s in (*self.running, *self.waiting))
-            return self.step_model.time_for(self.policy[fastest].min_tok_s_user)
+            # aim 15% faster than the SLO: tokens also wait outside the step (sampling, streaming)
+            speed = self.policy[fastest].min_tok_s_user / SPEED_HEADROOM
+            if speed > 0:
+                self.target_step_s = 1.0 / speed
+            return self.budget_scale * self.step_model.time_for(speed)
         return float("inf")
+
+    def observe_step(self, step_s: float) -> None:
+        """Close the loop: if steps sized for a tier's speed take longer than 1/speed, size them smaller."""
+        if self.target_step_s != float("inf") and step_s > 0:
+            ratio = self.target_step_s / step_s
+            self.budget_scale = min(4.0, max(0.02, self.budget_scale * ratio**0.5))
 
     def _schedule_tiers(self, policy: tuple[TierClass, ...]) -> list[tuple[Sequence, int]]:
         """Guaranteed shares first, then priority order up to each tier's max share, then any leftover.

@@ -15,6 +15,11 @@ from tokenfab.economics.tiers import Tier, TierTable
 from tokenfab.engine.step_model import StepTimeModel
 
 
+# Predictions and running means estimate a typical wait; the SLO bounds the 95th percentile, so admit
+# only while the typical wait stays under this fraction of the limit.
+P95_MARGIN = 0.5
+
+
 @dataclass(frozen=True)
 class Rejection:
     reason: str  # queue_full | ttft_slo | speed_slo
@@ -75,13 +80,13 @@ class Admission:
                              self._retry(tier))
         limit_s = tier.slo.max_ttft_p95_ms / 1000 * self.slack
         recent = self.ttft_ewma_s[tier.name]
-        # observed: recent requests' mean wait already near the p95 limit and more are waiting
-        if self.queued[tier.name] > 0 and recent > 0.75 * limit_s:
+        # observed: recent requests' mean wait is already half the p95 limit and more are waiting
+        if self.queued[tier.name] > 0 and recent > P95_MARGIN * limit_s:
             return Rejection("ttft_slo", f"tier '{tier.name}' recently took ~{recent:.1f}s to a first token "
                              f"(SLO {limit_s:g}s) and {self.queued[tier.name]} requests are waiting",
                              self._retry(tier, recent))
         ttft = self.predict_ttft_s(tier, prompt_tokens)
-        if ttft * 1000 > tier.slo.max_ttft_p95_ms * self.slack:
+        if ttft > P95_MARGIN * limit_s:
             return Rejection("ttft_slo", f"tier '{tier.name}' would wait ~{ttft:.1f}s for a first token "
                              f"(SLO {tier.slo.max_ttft_p95_ms / 1000:g}s) at the current load", self._retry(tier, ttft))
         return None

@@ -312,6 +312,10 @@ class Gateway:
             "running": len(core.scheduler.running), "waiting": len(core.scheduler.waiting),
             "in_flight": self.engine.num_in_flight, "kv_cache_usage": round(core.block_manager.usage(), 4),
             "steps": self.engine.num_steps, "step_ewma_ms": round(self.engine.step_ewma_s * 1000, 3),
+            "step_model": {"a_ms": round(core.step_model.a_s * 1000, 3),
+                           "per_decode_ms": round(core.step_model.b_dec_s * 1000, 4),
+                           "per_prefill_token_ms": round(core.step_model.b_pre_s * 1000, 4),
+                           "budget_scale": round(core.scheduler.budget_scale, 3)},
         })
 
     def _model_card(self) -> dict[str, Any]:
