@@ -174,3 +174,22 @@ def test_cli_run_and_compare(scripted, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tokenfab.cli", "bench", "run", "--url", scripted.url, "--model", "x",
                           "--concurrency", "0,two"], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_bench_against_tokenfab_matches_its_usage_records(server, tmp_path):
+    """End to end: bench tokenfab's own server; the summary's token counts equal the ledger's records."""
+    _, key = server.ledger.create_key("bench-e2e", "free")
+    out = tmp_path / "e2e"
+    r = subprocess.run([sys.executable, "-m", "tokenfab.cli", "bench", "run", "--url", server.base_url + "/v1",
+                        "--api-key", key, "--concurrency", "1,3", "--requests", "3", "--warmup", "0",
+                        "--input-len", "24", "--output-len", "6", "--ignore-eos", "--out", str(out), "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    recs = server.ledger.usage_records("bench-e2e")
+    assert len(recs) == 6 and all(x["status"] == "completed" for x in recs)
+    assert sum(lv["summary"]["output_tokens"] for lv in summary["levels"]) == sum(x["completion_tokens"] for x in recs)
+    assert sum(lv["summary"]["prompt_tokens"] for lv in summary["levels"]) == sum(x["prompt_tokens"] for x in recs)
+    assert "endpoint /metrics" in summary["meta"]["energy_source"]
+    assert all(lv["summary"]["energy"]["joules"] > 0 for lv in summary["levels"])
+    assert (out / "chart.png").stat().st_size > 10_000

@@ -81,13 +81,13 @@ class EnergyProbe:
             total, found, src = 0.0, False, "?"
             for fam in text_string_to_metric_families(r.text):
                 if fam.name == "tokenfab_energy_joules":
+                    found = True  # present even before any request has been attributed energy
                     for s in fam.samples:
                         if s.name == "tokenfab_energy_joules_total":
                             total += s.value
-                            found = True
                 if fam.name == "tokenfab_energy_source":
                     for s in fam.samples:
-                        src = s.labels.get("source", src)
+                        src = s.labels.get("source", src) + ("" if s.labels.get("measured") == "true" else ", modelled")
             return (total, src) if found else None
         except (httpx.HTTPError, ValueError):
             return None
