@@ -7,6 +7,7 @@ body; a client that goes away aborts its sequence, which frees its KV blocks.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import json
@@ -15,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -37,6 +38,7 @@ from tokenfab.serve.admission import Admission
 from tokenfab.serve.protocol import APIError, ChatRequest, CompletionRequest, validation_error
 
 log = logging.getLogger("tokenfab.serve")
+_Req = TypeVar("_Req", CompletionRequest, ChatRequest)
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -351,13 +353,18 @@ class Gateway:
         self.check_model(request.path_params["model"])
         return JSONResponse(self._model_card())
 
-    async def completions(self, request: Request) -> Response:
+    async def parse(self, request: Request, model_cls: type[_Req]) -> _Req:
+        """Read, validate and check the model of a request body."""
         body = await self.read_json(request)
         try:
-            req = CompletionRequest.model_validate(body)
+            req = model_cls.model_validate(body)
         except ValidationError as exc:
             raise validation_error(exc) from None
         self.check_model(req.model)
+        return req
+
+    async def completions(self, request: Request) -> Response:
+        req = await self.parse(request, CompletionRequest)
         for name, bad in (("echo", req.echo), ("logprobs", req.logprobs), ("suffix", req.suffix),
                           ("best_of", req.best_of not in (None, 1))):
             if bad:
@@ -379,18 +386,10 @@ class Gateway:
         if not ids:
             raise APIError(400, "the prompt is empty: give at least one token of input", param="prompt")
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        params = self.sampling(req, max_tokens, len(ids))
-        ctx = await self.admit(request, ids, params, "prompt", "cmpl-")
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self.run(request, ids, params, ctx, req.stream, include_usage, _CompletionFormat)
+        return await self.start(request, req, ids, max_tokens, "prompt", "cmpl-", _CompletionFormat)
 
     async def chat(self, request: Request) -> Response:
-        body = await self.read_json(request)
-        try:
-            req = ChatRequest.model_validate(body)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
-        self.check_model(req.model)
+        req = await self.parse(request, ChatRequest)
         if req.logprobs or req.top_logprobs:
             raise APIError(400, "'logprobs' is not supported by this server", param="logprobs")
         if req.tools:
@@ -404,10 +403,14 @@ class Gateway:
         ids = self.tokenizer.encode(text)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = limit if limit is not None else max(1, self.max_model_len - len(ids))
+        return await self.start(request, req, ids, max_tokens, "messages", "chatcmpl-", _ChatFormat)
+
+    async def start(self, request: Request, req: CompletionRequest | ChatRequest, ids: list[int], max_tokens: int,
+                    param: str, prefix: str, fmt: type[_Format]) -> Response:
         params = self.sampling(req, max_tokens, len(ids))
-        ctx = await self.admit(request, ids, params, "messages", "chatcmpl-")
+        ctx = await self.admit(request, ids, params, param, prefix)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self.run(request, ids, params, ctx, req.stream, include_usage, _ChatFormat)
+        return await self.run(request, ids, params, ctx, req.stream, include_usage, fmt)
 
 
 # --- response shapes ------------------------------------------------------------------------------
@@ -419,7 +422,7 @@ def _usage(o: RequestOutput) -> dict[str, Any]:
     }
 
 
-class _Format:
+class _Format(abc.ABC):
     object_full = ""
     object_chunk = ""
 
@@ -432,14 +435,14 @@ class _Format:
     def usage_chunk(self, last: RequestOutput) -> dict[str, Any]:
         return {**self._base(self.object_chunk), "choices": [], "usage": _usage(last)}
 
-    def first(self) -> dict[str, Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def first(self) -> dict[str, Any]: ...
 
-    def chunk(self, text: str, finish: str | None) -> dict[str, Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def chunk(self, text: str, finish: str | None) -> dict[str, Any]: ...
 
-    def full(self, text: str, last: RequestOutput) -> dict[str, Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def full(self, text: str, last: RequestOutput) -> dict[str, Any]: ...
 
 
 class _CompletionFormat(_Format):
