@@ -4,20 +4,18 @@ the tier-aware scheduler, energy attribution, and a SIGKILL in the middle of loa
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tokenfab.config import AdmissionConfig, LedgerConfig, Settings, ServerConfig
+from tokenfab.config import AdmissionConfig, LedgerConfig, Settings
 from tokenfab.engine.config import EngineConfig
 from tokenfab.engine.sampling import SamplingParams
 from tokenfab.engine.scheduler import TierClass

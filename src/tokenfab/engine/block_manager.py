@@ -80,20 +80,17 @@ class BlockManager:
         matched = self._match_prefix(seq)
         self.queried_tokens += len(seq)
         self.hits_tokens += len(matched) * self.block_size
-        prev: int | None = None
         for bid in matched:
             block = self.blocks[bid]
             if block.ref_count == 0:
                 del self.free[bid]
             block.ref_count += 1
             seq.block_table.append(bid)
-            prev = block.hash
             seq.block_hashes.append(block.hash)  # type: ignore[arg-type]
         seq.num_computed = len(matched) * self.block_size
         seq.num_hashed_blocks = len(matched)
         if seq.num_preemptions == 0:
             seq.num_cached_prompt = seq.num_computed
-        del prev
         for _ in range(self.blocks_needed(len(seq)) - len(matched)):
             seq.block_table.append(self._take())
 

@@ -19,7 +19,7 @@ from tokenfab.engine.model import LlamaModel
 from tokenfab.engine.model_runner import ModelRunner
 from tokenfab.engine.sampling import Sampler, SamplingParams
 from tokenfab.engine.scheduler import Scheduler, TierClass
-from tokenfab.engine.sequence import Sequence, Status
+from tokenfab.engine.sequence import Sequence
 from tokenfab.engine.step_model import StepTimeModel
 
 log = logging.getLogger("tokenfab.engine")
