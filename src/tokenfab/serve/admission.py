@@ -9,6 +9,8 @@ faster ones) are processed at the per-step prefill capacity left after decodes.
 from __future__ import annotations
 
 import math
+import time
+from collections import deque
 from dataclasses import dataclass
 
 from tokenfab.economics.tiers import Tier, TierTable
@@ -39,6 +41,7 @@ class Admission:
         self.queued = {t.name: 0 for t in tiers}
         self.ttft_ewma_s = {t.name: 0.0 for t in tiers}  # recent admission -> first token, per tier
         self.speed_ewma = {t.name: 0.0 for t in tiers}  # recent tok/s per user (1/TPOT) of finished requests
+        self.starts: dict[str, deque[tuple[float, int]]] = {t.name: deque() for t in tiers}  # (time, prompt)
         self.queued_tokens = {t.name: 0 for t in tiers}
         self.in_flight = {t.name: 0 for t in tiers}
 
@@ -67,6 +70,9 @@ class Admission:
                              f"(limit {self.queue_limit})", self._retry(tier))
         if not self.enabled:
             return None
+        running = {t: self.in_flight[t] - self.queued[t] for t in self.in_flight}
+        if self.queued[tier.name] == 0 and running[tier.name] < tier.guaranteed_share * sum(running.values()):
+            return None  # a tier running below its guaranteed share with nothing waiting gets the next slot
         cap = self.model.max_decodes_for(tier.slo.min_tok_s_user)
         decoding = sum(self.in_flight[t.name] - self.queued[t.name] for t in self._faster_or_equal(tier))
         if decoding + 1 > cap and decoding > 0:
@@ -85,11 +91,27 @@ class Admission:
             return Rejection("ttft_slo", f"tier '{tier.name}' recently took ~{recent:.1f}s to a first token "
                              f"(SLO {limit_s:g}s) and {self.queued[tier.name]} requests are waiting",
                              self._retry(tier, recent))
+        drain = self.drain_s(tier.name, prompt_tokens)  # Little's law on the tier's own queue
+        if drain is not None and drain > P95_MARGIN * limit_s:
+            return Rejection("ttft_slo", f"tier '{tier.name}' has {self.queued_tokens[tier.name]} prompt tokens "
+                             f"queued, ~{drain:.1f}s of work at its recent rate (SLO {limit_s:g}s)",
+                             self._retry(tier, drain))
         ttft = self.predict_ttft_s(tier, prompt_tokens)
         if ttft > P95_MARGIN * limit_s:
             return Rejection("ttft_slo", f"tier '{tier.name}' would wait ~{ttft:.1f}s for a first token "
                              f"(SLO {tier.slo.max_ttft_p95_ms / 1000:g}s) at the current load", self._retry(tier, ttft))
         return None
+
+    def drain_s(self, tier: str, prompt_tokens: int, window_s: float = 10.0) -> float | None:
+        """Seconds to start everything queued for `tier` (plus this prompt) at the rate it started lately."""
+        q = self.starts[tier]
+        now = time.monotonic()
+        while q and now - q[0][0] > window_s:
+            q.popleft()
+        if self.queued[tier] == 0 or len(q) < 2:
+            return None
+        rate = sum(n for _, n in q) / max(now - q[0][0], 1e-3)
+        return (self.queued_tokens[tier] + prompt_tokens) / rate
 
     def _retry(self, tier: Tier, predicted_s: float | None = None) -> int:
         wait = predicted_s - tier.slo.max_ttft_p95_ms / 1000 if predicted_s else self.model.step_s(
@@ -106,6 +128,7 @@ class Admission:
         self.queued[tier] -= 1
         self.queued_tokens[tier] -= prompt_tokens
         if waited_s is not None:
+            self.starts[tier].append((time.monotonic(), prompt_tokens))
             old = self.ttft_ewma_s[tier]
             self.ttft_ewma_s[tier] = waited_s if old == 0 else 0.8 * old + 0.2 * waited_s
 
