@@ -187,11 +187,10 @@ class LlamaModel:
         for (attn_norm, qkv_proj, o_proj, ffn_norm, gate_up, down), (k_cache, v_cache) in zip(self.layers, kv):
             hs = rms_norm(x, attn_norm, a.rms_eps)
             qkv = qkv_proj(hs)
-            q = qkv[:, : self.q_size].view(t, h, hd)
-            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, kvh, hd)
+            # Q and K sit side by side in the fused projection: rotate them in one pass
+            qk = self._apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, h + kvh, hd), cos, sin)
+            q, k = qk[:, :h], qk[:, h:]
             v = qkv[:, self.q_size + self.kv_size :].view(t, kvh, hd)
-            q = self._apply_rope(q, cos, sin)
-            k = self._apply_rope(k, cos, sin)
             k_cache.index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
             v_cache.index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
             out = torch.empty(t, h, hd, dtype=x.dtype, device=x.device)
