@@ -19,12 +19,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import yaml
 
+from engine import free_port, wait_ready  # benchmarks/engine.py, beside this file
 from tokenfab.bench.load import Endpoint, LoadSpec, run_load
 from tokenfab.bench.metrics import SLOSpec, summarize
 from tokenfab.bench.workload import WorkloadSpec, build
@@ -46,17 +46,8 @@ TIERS = [
 def start(cfg: Path, port: int, log: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "tokenfab.cli", "serve", "--config", str(cfg), "--port", str(port),
                              "--log-level", "warning"], stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited; see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("server did not start")
+    wait_ready(f"http://127.0.0.1:{port}", proc, timeout=180)
+    return proc
 
 
 def main() -> int:
@@ -85,7 +76,7 @@ def main() -> int:
             "admission": {"tier_scheduling": policy == "tiered", "tier_queue_limit": 64},
             "tiers": TIERS,
         }))
-        port = 20000 + os.getpid() % 20000
+        port = free_port()
         proc = start(cfg, port, work / f"{policy}.log")
         try:
             ep = Endpoint(f"http://127.0.0.1:{port}/v1", MODEL, keys, ignore_eos=True, timeout_s=300)

@@ -58,9 +58,15 @@ class Curve:
         ok = [p.tok_s_device for p in self.points if p.tok_s_user >= min_tok_s_user]
         return max(ok, default=0.0)
 
-    def point_at(self, min_tok_s_user: float) -> OperatingPoint | None:
-        ok = [p for p in self.points if p.tok_s_user >= min_tok_s_user]
-        return max(ok, key=lambda p: p.tok_s_device, default=None)
+    def tok_s_per_mw_at(self, min_tok_s_user: float, kw_per_device: float | None = None, pue: float = 1.0) -> float:
+        """Best tok/s per MW among points at least that fast; a point's own `kw_per_device` (mixed pools)
+        wins over the one given. 0 if no point is fast enough."""
+        best = 0.0
+        for p in self.points:
+            kw = p.extra.get("kw_per_device", kw_per_device)
+            if p.tok_s_user >= min_tok_s_user and kw:
+                best = max(best, p.tok_s_per_mw(kw, pue))
+        return best
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -26,11 +26,7 @@ class System:
     curve: Curve
 
     def tpm(self, speed: float) -> float:
-        best = 0.0
-        for p in self.curve.points:
-            if p.tok_s_user >= speed:
-                best = max(best, p.extra["tok_s_per_mw"])
-        return best
+        return self.curve.tok_s_per_mw_at(speed)
 
     def usd_per_mtok(self, speed: float) -> float:
         ok = [p for p in self.curve.points if p.tok_s_user >= speed]

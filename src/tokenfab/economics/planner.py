@@ -32,12 +32,7 @@ class HardwareOption:
     depreciation_years: float = 4.0
 
     def tok_s_per_mw(self, min_tok_s_user: float) -> float:
-        best = 0.0
-        for p in self.curve.points:
-            if p.tok_s_user >= min_tok_s_user:
-                kw = p.extra.get("kw_per_device", self.kw_per_device) if p.extra else self.kw_per_device
-                best = max(best, p.tok_s_device * 1000.0 / kw)
-        return best
+        return self.curve.tok_s_per_mw_at(min_tok_s_user, self.kw_per_device)
 
     def usd_per_mw_hour(self, usd_per_kwh: float, pue: float) -> float:
         """Cost of running 1 MW of this hardware for an hour: capital (or rental) plus electricity."""

@@ -45,8 +45,6 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tokenfab-engine", daemon=True)
         self.num_steps = 0
-        self.busy_s = 0.0
-        self.started_s = time.monotonic()
         self.step_ewma_s = 0.0
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -146,7 +144,6 @@ class AsyncEngine:
                 continue
             dt = time.monotonic() - t0
             self.num_steps += 1
-            self.busy_s += dt
             self.step_ewma_s = dt if self.step_ewma_s == 0 else 0.9 * self.step_ewma_s + 0.1 * dt
             if outputs:
                 self._deliver(outputs)  # type: ignore[arg-type]

@@ -64,14 +64,6 @@ class RequestMetering:
     num_preemptions: int
 
 
-@dataclass(frozen=True)
-class StepStats:
-    step_s: float
-    num_tokens: int
-    num_seqs: int
-    num_decode: int
-
-
 def resolve_dtype(config: EngineConfig) -> torch.dtype:
     if config.dtype == "auto":
         return torch.bfloat16
@@ -110,7 +102,6 @@ class LLMEngine:
         self.vocab_limit = min(args.vocab_size, self.tokenizer.vocab_size)
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
-        self.last_step: StepStats | None = None
         self.load_s = time.monotonic() - t0
         log.info(
             "engine ready: %s (%s%s), %s, %d KV blocks x %d tokens, loaded in %.1fs",
@@ -204,9 +195,6 @@ class LLMEngine:
             for seq, tok in zip(sample_seqs, toks):
                 outputs.append(self._append(seq, tok, now))
         self.scheduler.observe_step(time.monotonic() - t0)
-        self.last_step = StepStats(
-            time.monotonic() - t0, sum(n for _, n in scheduled), len(scheduled), sum(1 for _, n in scheduled if n == 1)
-        )
         return outputs
 
     def _blocked(self, seq: Sequence) -> tuple[int, ...]:
@@ -226,8 +214,6 @@ class LLMEngine:
             self._detokenize(seq)
             if seq.finish_reason is None and (seq.num_output >= p.max_tokens or len(seq) >= self.max_model_len):
                 seq.finish_reason = "length"
-        if seq.finish_reason is None and seq.num_output >= p.max_tokens:
-            seq.finish_reason = "length"
         if seq.finish_reason is not None:
             self.scheduler.remove(seq)
             self.seqs.pop(seq.seq_id, None)

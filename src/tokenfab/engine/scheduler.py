@@ -36,7 +36,6 @@ class Scheduler:
         self.bm = block_manager
         self.policy = policy
         self.step_model = step_model or StepTimeModel()
-        self.last_budget = max_num_batched_tokens
         self.budget_scale = 1.0  # feedback on the step model: shrinks when steps overrun their target
         self.target_step_s = float("inf")
         self.max_num_seqs = max_num_seqs
@@ -196,7 +195,6 @@ class Scheduler:
             fill(rank, policy[rank].max_share * budget_s)
         for rank in range(n_tiers):  # 3. work-conserving: leftover budget to anyone
             fill(rank, budget_s)
-        self.last_budget = budget_s
         return [(s, n) for s, n in out.values() if s.status is Status.RUNNING]
 
     def _make_room(self, seq: Sequence, rank: int, n_tiers: int, preempted: set[str]) -> bool:

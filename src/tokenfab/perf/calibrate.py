@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -109,6 +109,3 @@ def split(points: list[Measured]) -> tuple[list[Measured], list[Measured]]:
     """Deterministic held-out split: every other row is held out."""
     return points[0::2], points[1::2]
 
-
-def efficiency_fields() -> list[str]:
-    return [f.name for f in fields(Efficiency)]

@@ -104,7 +104,7 @@ class Gateway:
                 param="model", code="model_not_found",
             )
 
-    def sampling(self, req: CompletionRequest | ChatRequest, max_tokens: int, prompt_len: int) -> SamplingParams:
+    def sampling(self, req: CompletionRequest | ChatRequest, max_tokens: int) -> SamplingParams:
         if req.n != 1:
             raise APIError(400, f"n={req.n} is not supported: this server returns one choice; send n separate requests",
                            param="n")
@@ -407,7 +407,7 @@ class Gateway:
 
     async def start(self, request: Request, req: CompletionRequest | ChatRequest, ids: list[int], max_tokens: int,
                     param: str, prefix: str, fmt: type[_Format]) -> Response:
-        params = self.sampling(req, max_tokens, len(ids))
+        params = self.sampling(req, max_tokens)
         ctx = await self.admit(request, ids, params, param, prefix)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await self.run(request, ids, params, ctx, req.stream, include_usage, fmt)
