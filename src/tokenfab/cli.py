@@ -102,6 +102,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--replay", default=None, metavar="TRACE.jsonl", help="replay a JSONL trace at its timestamps")
     r.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of open-loop gaps (1 = Poisson)")
     r.add_argument("--max-in-flight", type=int, default=0, help="cap on requests in flight (open loop)")
+    r.add_argument("--ramp-up", type=float, default=0.0, metavar="SECONDS",
+                   help="closed loop: start the streams evenly over this many seconds instead of all at once")
     r.add_argument("--requests", type=int, default=0, help="measured requests per level (default max(16, 4 x level))")
     r.add_argument("--duration", type=float, default=0.0, help="stop each level after this many seconds")
     r.add_argument("--warmup", type=int, default=1, help="requests per level run first and excluded")
@@ -222,6 +224,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
             model = r.json()["data"][0]["id"]
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
             raise UsageError(f"tokenfab bench: cannot list models at {url}/models ({exc}); pass --model") from None
+    if ns.ramp_up < 0:
+        raise UsageError(f"tokenfab bench: --ramp-up must be >= 0 seconds, got {ns.ramp_up:g}")
     if ns.replay:
         mode, levels, kind = "replay", [1.0], "replay"
     elif ns.rate:
@@ -248,7 +252,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
                               num_prefixes=ns.num_prefixes, turns=ns.turns, trace=ns.replay or "", api=ns.api,
                               tiers=tier_names),
         mode=mode, levels=levels, requests_per_level=ns.requests, duration_s=ns.duration, warmup=ns.warmup,
-        max_in_flight=ns.max_in_flight, burstiness=ns.burstiness, slo=slo, tiers=tiers, devices=ns.devices,
+        max_in_flight=ns.max_in_flight, ramp_s=ns.ramp_up, burstiness=ns.burstiness, slo=slo, tiers=tiers, devices=ns.devices,
         kw_per_device=ns.kw_per_device, pue=ns.pue, energy=ns.energy, out_dir=Path(ns.out), label=ns.label,
         tokenizer=tok,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import dataclasses
 import datetime as dt
@@ -15,7 +14,7 @@ import httpx
 
 from tokenfab import __version__
 from tokenfab.bench import charts
-from tokenfab.bench.load import Endpoint, LoadSpec, run_load
+from tokenfab.bench.load import Endpoint, LoadSpec, run_load_sync
 from tokenfab.bench.metrics import SLOSpec, summarize
 from tokenfab.bench.workload import WorkloadSpec, build
 from tokenfab.curve import Curve, OperatingPoint, Provenance
@@ -32,6 +31,7 @@ class BenchConfig:
     duration_s: float = 0.0
     warmup: int = 1
     max_in_flight: int = 0
+    ramp_s: float = 0.0
     burstiness: float = 1.0
     slo: SLOSpec | None = None
     tiers: TierTable | None = None
@@ -132,10 +132,11 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             task = bar.add_task(f"{cfg.mode} {level:g}", total=turns) if bar else None
             load = LoadSpec(mode=cfg.mode, concurrency=int(level) if cfg.mode == "concurrency" else 1,
                             rate=float(level), burstiness=cfg.burstiness, max_in_flight=cfg.max_in_flight,
-                            duration_s=cfg.duration_s, warmup=cfg.warmup, seed=cfg.workload.seed + li)
+                            duration_s=cfg.duration_s, warmup=cfg.warmup, seed=cfg.workload.seed + li,
+                            ramp_s=cfg.ramp_s)
             j0 = probe.read() if probe else None
-            records = asyncio.run(run_load(cfg.endpoint, jobs, load, level=f"{level:g}",
-                                           on_done=(lambda: bar.advance(task)) if bar else (lambda: None)))
+            records = run_load_sync(cfg.endpoint, jobs, load, level=f"{level:g}",
+                                    on_done=(lambda: bar.advance(task)) if bar else (lambda: None))
             j1 = probe.read() if probe else None
             joules = j1 - j0 if j0 is not None and j1 is not None else None
             s = summarize(records, cfg.slo, tier_slos)
