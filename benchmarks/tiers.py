@@ -12,7 +12,6 @@ requests spread evenly over the three tiers' keys.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import os
@@ -25,7 +24,7 @@ import httpx
 import yaml
 
 from engine import free_port, wait_ready  # benchmarks/engine.py, beside this file
-from tokenfab.bench.load import Endpoint, LoadSpec, run_load
+from tokenfab.bench.load import Endpoint, LoadSpec, run_load_sync
 from tokenfab.bench.metrics import SLOSpec, summarize
 from tokenfab.bench.workload import WorkloadSpec, build
 from tokenfab.engine.tokenizer import load_tokenizer
@@ -54,6 +53,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of open-loop load per policy")
     ap.add_argument("--overload", type=float, default=2.0, help="offered load as a multiple of capacity")
+    ap.add_argument("--policies", default="tiered,fcfs", help="comma-separated: tiered, fcfs (both by default)")
+    ap.add_argument("--capacity", type=float, default=None, help="requests/s; skips the closed-loop measurement")
     ap.add_argument("--input-len", default="128")
     ap.add_argument("--output-len", default="64")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"tiers-{dt.date.today()}.json"))
@@ -61,10 +62,10 @@ def main() -> int:
     tok = load_tokenizer(None)
     work = Path(tempfile.mkdtemp(prefix="tokenfab-tiers-"))
     results: dict = {}
-    capacity = None
+    capacity = args.capacity
     names = [t["name"] for t in TIERS]
     slos = {t["name"]: SLOSpec(t["slo"]["max_ttft_p95_ms"], t["slo"]["min_tok_s_user"]) for t in TIERS}
-    for policy in ("tiered", "fcfs"):
+    for policy in args.policies.split(","):
         db = work / f"{policy}.db"
         led = Ledger(f"sqlite:///{db}")
         keys = {t: led.create_key(f"tenant-{t}", t)[1] for t in names}
@@ -83,19 +84,29 @@ def main() -> int:
             if capacity is None:  # closed loop at 32 streams (standard tier keys) = capacity in requests/s
                 jobs = build(WorkloadSpec(num_jobs=96, input_len=args.input_len, output_len=args.output_len,
                                           api="completion", tiers=["free"]), tok)
-                recs = asyncio.run(run_load(ep, jobs, LoadSpec(concurrency=32, warmup=8)))
+                recs = run_load_sync(ep, jobs, LoadSpec(concurrency=32, warmup=8))
                 capacity = summarize(recs)["request_throughput"]
                 print(f"capacity: {capacity:.2f} requests/s (closed loop, 32 streams)", flush=True)
+            assert capacity is not None
             rate = args.overload * capacity
             n = int(rate * args.duration)
             jobs = build(WorkloadSpec(num_jobs=n, input_len=args.input_len, output_len=args.output_len,
                                       api="completion", tiers=names, seed=7), tok)
             print(f"{policy}: {n} requests at {rate:.2f}/s ...", flush=True)
-            recs = asyncio.run(run_load(ep, jobs, LoadSpec(mode="rate", rate=rate, seed=11)))
+            recs = run_load_sync(ep, jobs, LoadSpec(mode="rate", rate=rate, seed=11))
             s = summarize(recs, tier_slos=slos)
-            print("  server /health:", httpx.get(f"http://127.0.0.1:{port}/health").json().get("step_model"), flush=True)
+            health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+            print("  server /health:", health.get("step_model"), health.get("admission", {}).get("ttft_bias"), flush=True)
             good = sum(1 for r in recs if slos[r.tier].met_by(r))
-            results[policy] = {"summary": s, "goodput": good / s["duration_s"], "rate": rate, "requests": n}
+            reasons: dict[str, dict[str, float]] = {}  # the server's own count of 429s, by tier and reason
+            for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
+                if line.startswith("tokenfab_rejections_total{"):
+                    labels = dict(kv.split("=") for kv in line[line.index("{") + 1:line.index("}")].split(","))
+                    tier, reason = labels["tier"].strip('"'), labels["reason"].strip('"')
+                    reasons.setdefault(tier, {})[reason] = float(line.rsplit(" ", 1)[1])
+            print("  rejections by reason:", reasons, flush=True)
+            results[policy] = {"summary": s, "goodput": good / s["duration_s"], "rate": rate, "requests": n,
+                               "rejections": reasons}
         finally:
             proc.terminate()
             proc.wait(timeout=30)

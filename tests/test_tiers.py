@@ -195,6 +195,37 @@ def test_scheduler_prefers_higher_tier_but_honours_guaranteed_share(real_model):
     assert 0.2 <= share_free < 0.5  # free gets at least about its 25% guarantee, gold the majority
 
 
+def test_slower_tier_is_paced_to_its_speed_when_the_budget_is_short(real_model):
+    """A slow tier's decode that is ahead of its pace yields its place in a full step; when due, or when
+    the step has room to spare, it runs."""
+    policy = (TierClass("fast", 0.0, 1.0, 20.0), TierClass("slow", 0.1, 1.0, 2.0))
+    eng = make_engine(real_model, max_num_batched_tokens=256, max_num_seqs=64)
+    eng.set_policy(policy)
+    eng.scheduler.step_model = FixedStepModel(a_s=0.01, b_dec_s=0.002, b_pre_s=0.0001)
+    sp = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    slow = eng.add_request([500, 5, 6], sp, priority=1)
+    fast = [eng.add_request([600, 5, 6], sp, priority=0)]
+    for _ in range(3):
+        eng.step()
+    seq = eng.seqs[slow]
+    assert seq.num_output >= 2
+
+    def scheduled_ids() -> set[str]:
+        eng.scheduler.budget_scale = 1.0  # the budget as the fixed model says, whatever real steps took
+        return {s.seq_id for s, _ in eng.scheduler.schedule()}
+
+    seq.first_token_s = time.monotonic()  # it has 2+ tokens already: ahead of a 2 tok/s pace
+    assert slow in scheduled_ids()  # room to spare: the work-conserving pass still runs it
+    fast += [eng.add_request([700 + i, 5, 6], sp, priority=0) for i in range(40)]
+    while any(len(eng.seqs[r]) - eng.seqs[r].num_computed > 1 for r in fast):
+        eng.step()  # prefill the 40 newcomers: afterwards fast decodes alone overfill a step
+    seq.first_token_s = time.monotonic()
+    ids = scheduled_ids()
+    assert slow not in ids and len(ids & set(fast)) > 5  # ahead of pace: its place goes to the fast tier
+    seq.first_token_s = time.monotonic() - 60.0  # far behind its pace: due
+    assert slow in scheduled_ids()
+
+
 def test_higher_tier_preempts_lower_when_slots_run_out(real_model):
     eng = make_engine(real_model, max_num_seqs=2)
     eng.set_policy(POLICY)
@@ -319,3 +350,39 @@ def test_sigkill_loses_no_completed_record_and_recovers_reservations(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_admission_learns_how_far_its_ttft_predictions_run_short():
+    from tokenfab.economics.tiers import default_tiers
+    from tokenfab.serve.admission import Admission
+
+    tiers = default_tiers()
+    tier = tiers.tiers[0]
+    adm = Admission(tiers, StepTimeModel(a_s=0.01, b_dec_s=0.001, b_pre_s=0.0005), max_batched_tokens=512,
+                    queue_limit=64)
+    raw = adm.predict_ttft_s(tier, 200)
+    assert raw > 0
+    for _ in range(40):  # requests keep taking 3x as long to a first token as predicted
+        adm.admitted(tier.name, 200)
+        adm.started(tier.name, 200, waited_s=3 * raw, predicted_s=raw)
+        adm.finished(tier.name)
+    assert 2.8 < adm.ttft_bias[tier.name] <= 3.0
+    adm.admitted(tier.name, 200)  # one waiting, so the check runs its gates
+    rej = adm.check(tier, 200)
+    assert rej is not None and rej.reason == "ttft_slo"  # the waits it learned are past this tier's limit
+
+
+def test_an_idle_tier_takes_a_burst_without_judging_it_by_old_starts():
+    from tokenfab.economics.tiers import default_tiers
+    from tokenfab.serve.admission import Admission
+
+    tiers = default_tiers()
+    free = tiers.tiers[-1]
+    adm = Admission(tiers, StepTimeModel(a_s=0.01, b_dec_s=0.001, b_pre_s=0.0005), max_batched_tokens=512,
+                    queue_limit=64)
+    old = time.monotonic() - 9.0  # two requests started 9 s ago, then nothing until this burst
+    adm.starts[free.name].extend([(old, 128), (old + 0.1, 128)])
+    for _ in range(4):
+        assert adm.check(free, 128) is None
+        adm.admitted(free.name, 128)
+    assert adm.drain_s(free.name, 128) is None  # busy for under a second: no rate to judge by yet

@@ -9,6 +9,7 @@ and it goes back to the front of the queue to be recomputed.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class Scheduler:
         self.step_model = step_model or StepTimeModel()
         self.budget_scale = 1.0  # feedback on the step model: shrinks when steps overrun their target
         self.target_step_s = float("inf")
+        self.budget_bound = False  # whether the last step used (nearly) all of its time budget
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -105,8 +107,10 @@ class Scheduler:
         return float("inf")
 
     def observe_step(self, step_s: float) -> None:
-        """Close the loop: if steps sized for a tier's speed take longer than 1/speed, size them smaller."""
-        if self.target_step_s != float("inf") and step_s > 0:
+        """Close the loop: if steps sized for a tier's speed take longer than 1/speed, size them smaller;
+        if steps that used their whole budget take less, larger. (A light step is short whatever the
+        budget, so it says nothing about it: counting those let the scale drift to its cap.)"""
+        if self.target_step_s != float("inf") and step_s > 0 and (self.budget_bound or step_s > self.target_step_s):
             ratio = self.target_step_s / step_s
             self.budget_scale = min(4.0, max(0.02, self.budget_scale * ratio**0.5))
 
@@ -117,6 +121,12 @@ class Scheduler:
         model says), within the token budget. Within a tier: decodes (1 token), unfinished prefills
         (chunks), then admissions. A waiting sequence that cannot get blocks or a slot may preempt a
         running sequence of a lower tier.
+
+        Pacing: steps are sized for the fastest tier with work, so a slower tier's stream would get a
+        token every step, faster than it paid for. In the first two passes a decode runs only when it
+        is due (its next token would otherwise fall behind the tier's speed with headroom); decodes
+        that are ahead of their pace wait for the last, work-conserving pass, so when the budget is
+        short it goes to admitting and serving faster tiers instead.
         """
         n_tiers = len(policy)
         m = self.step_model
@@ -135,6 +145,17 @@ class Scheduler:
         waiting: list[list[Sequence]] = [[] for _ in range(n_tiers)]
         for s in sorted(self.waiting, key=key):
             waiting[self._rank(s, n_tiers)].append(s)
+        now = time.monotonic()
+        pace = [t.min_tok_s_user / SPEED_HEADROOM for t in policy]
+
+        def ahead(rank: int, seq: Sequence) -> bool:
+            """Whether a decoding `seq` can skip this step and still make its tier's pace."""
+            if seq.first_token_s is None or pace[rank] <= 0 or self.target_step_s == float("inf"):
+                return False
+            if pace[rank] * self.target_step_s >= 1.0:  # the tier wants a token every step
+                return False
+            next_due = seq.first_token_s + seq.num_output / pace[rank]
+            return next_due > now + 2 * self.target_step_s
 
         def take(rank: int, seq: Sequence, want: int, cap_s: float) -> int:
             """Schedule up to `want` tokens of `seq` within the tier's cap; returns how many (0 = none)."""
@@ -160,41 +181,53 @@ class Scheduler:
             left_tok -= n
             return n
 
-        def fill(rank: int, cap_s: float) -> None:
+        def fill(rank: int, cap_s: float, paced: bool = True) -> None:
             for seq in by_rank[rank]:  # decodes, then unfinished prefills
                 if left_s <= 0 or left_tok <= 0 or used[rank] >= cap_s:
                     return
                 if seq.seq_id in out or seq.status is not Status.RUNNING:
                     continue
                 remaining = len(seq) - seq.num_computed
+                if paced and remaining == 1 and ahead(rank, seq):
+                    continue
                 if remaining == 1 and not self._grow(seq):
                     preempted.add(seq.seq_id)
                     continue
                 if not take(rank, seq, remaining, cap_s):
                     return
             while waiting[rank] and left_s > 0 and left_tok > 0 and used[rank] < cap_s:
+                seq = admit_next(rank)
+                if seq is None:
+                    return
+                if not take(rank, seq, len(seq) - seq.num_computed, cap_s):
+                    return
+
+        def admit_next(rank: int) -> Sequence | None:
+            """Move the tier's first waiting sequence to running (preempting lower tiers for room)."""
+            while waiting[rank]:
                 seq = waiting[rank][0]
                 if seq.seq_id in preempted:
                     waiting[rank].pop(0)
                     continue
                 if not self._make_room(seq, rank, n_tiers, preempted):
-                    return
+                    return None
                 waiting[rank].pop(0)
                 self.waiting.remove(seq)
                 self.bm.admit(seq)
                 seq.status = Status.RUNNING
                 self.running.append(seq)
                 by_rank[rank].append(seq)
-                if not take(rank, seq, len(seq) - seq.num_computed, cap_s):
-                    return
+                return seq
+            return None
 
         for rank in range(n_tiers):  # 1. guaranteed shares
             if policy[rank].guaranteed_share:
                 fill(rank, policy[rank].guaranteed_share * budget_s)
         for rank in range(n_tiers):  # 2. priority order, up to each max share
             fill(rank, policy[rank].max_share * budget_s)
-        for rank in range(n_tiers):  # 3. work-conserving: leftover budget to anyone
-            fill(rank, budget_s)
+        for rank in range(n_tiers):  # 3. work-conserving: leftover budget to anyone, paced or not
+            fill(rank, budget_s, paced=False)
+        self.budget_bound = left_s < 0.1 * budget_s
         return [(s, n) for s, n in out.values() if s.status is Status.RUNNING]
 
     def _make_room(self, seq: Sequence, rank: int, n_tiers: int, preempted: set[str]) -> bool:

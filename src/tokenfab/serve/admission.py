@@ -11,15 +11,18 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokenfab.economics.tiers import Tier, TierTable
+from tokenfab.engine.scheduler import SPEED_HEADROOM
 from tokenfab.engine.step_model import StepTimeModel
 
 
 # Predictions and running means estimate a typical wait; the SLO bounds the 95th percentile, so admit
-# only while the typical wait stays under this fraction of the limit.
-P95_MARGIN = 0.5
+# only while the typical wait stays under this fraction of the limit. Waits in a loaded queue have a
+# roughly exponential tail, whose 95th percentile is 3x its mean.
+P95_MARGIN = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -44,41 +47,82 @@ class Admission:
         self.starts: dict[str, deque[tuple[float, int]]] = {t.name: deque() for t in tiers}  # (time, prompt)
         self.queued_tokens = {t.name: 0 for t in tiers}
         self.in_flight = {t.name: 0 for t in tiers}
+        self.busy_since: dict[str, float] = {}  # tier -> when its queue last became non-empty
+        # closed loop on the TTFT prediction: recent actual / predicted first-token wait, per tier (the
+        # step model times the forward pass alone; sampling, streaming and a CPU shared with the HTTP
+        # side stretch real steps by a factor this learns)
+        self.ttft_bias = {t.name: 1.0 for t in tiers}
+        self.last_prediction_s: float | None = None  # of the latest check(), for the caller to hand back
 
     def _faster_or_equal(self, tier: Tier) -> list[Tier]:
         return [t for t in self.tiers if t.rank <= tier.rank]
 
-    def predict_ttft_s(self, tier: Tier, prompt_tokens: int) -> float:
+    def _load(self, tier: Tier) -> tuple[float, float, float, Callable[..., float]]:
+        """(variable step seconds, steps per second, step seconds of work per second, decode load of a tier).
+
+        Steps are sized for the fastest tier with work (with `tier` counted as having work); a decoding
+        stream costs one decode per token at its tier's pace (the scheduler paces slower tiers).
+        """
         m = self.model
+        running = {t.name: self.in_flight[t.name] - self.queued[t.name] for t in self.tiers}
         active = [t for t in self.tiers if self.in_flight[t.name] > 0] + [tier]
-        fastest = max(t.slo.min_tok_s_user for t in active)  # steps are sized for the fastest tier with work
+        fastest = max(t.slo.min_tok_s_user for t in active) / SPEED_HEADROOM
         budget_s = min(m.time_for(fastest), self.max_batched_tokens * m.b_pre_s)
-        # prefill time per step left to this tier: the budget less the decodes of its own and faster
-        # tiers and the guaranteed shares of slower tiers with work, but never below its own guarantee
+        steps_per_s = 1.0 / (m.a_s + budget_s)
+
+        def decode_load(t: Tier, streams: int | None = None) -> float:
+            pace = t.slo.min_tok_s_user / SPEED_HEADROOM
+            n = running[t.name] if streams is None else streams
+            return n * (min(pace, steps_per_s) if pace > 0 else steps_per_s) * m.b_dec_s
+
+        return budget_s, steps_per_s, budget_s * steps_per_s, decode_load
+
+    def decode_demand(self, tier: Tier) -> tuple[float, float]:
+        """(share of step time the decodes of `tier` and faster tiers need with one more stream of `tier`,
+        share they can have): the guarantees of slower tiers with work come first, and `tier` itself
+        stops at its max share."""
+        _, _, capacity, decode_load = self._load(tier)
         mine = self._faster_or_equal(tier)
-        decoding = sum(self.in_flight[t.name] - self.queued[t.name] for t in mine)
-        reserved = sum(t.guaranteed_share * budget_s for t in self.tiers
-                       if t.rank > tier.rank and self.in_flight[t.name])
-        per_step_s = max(budget_s - decoding * m.b_dec_s - reserved, tier.guaranteed_share * budget_s, m.b_pre_s)
+        need = (sum(decode_load(t) for t in mine) + decode_load(tier, 1)) / capacity
+        own = (decode_load(tier) + decode_load(tier, 1)) / capacity
+        reserved = sum(t.guaranteed_share for t in self.tiers if t.rank > tier.rank and self.in_flight[t.name])
+        room = 1.0 - reserved
+        if own > tier.max_share:  # report the binding limit
+            return own, tier.max_share
+        return need, room
+
+    def predict_ttft_s(self, tier: Tier, prompt_tokens: int) -> float:
+        """Seconds until a new request of `tier` would get its first token, from the live step model.
+
+        The prompt tokens queued in this tier and faster ones are prefilled with the step time left
+        after their decodes (at each tier's pace) and the guarantees of slower tiers with work, but
+        never with less than this tier's own guarantee less its own decodes.
+        """
+        m = self.model
+        budget_s, steps_per_s, capacity, decode_load = self._load(tier)
+        mine = self._faster_or_equal(tier)
+        reserved = sum(t.guaranteed_share * capacity for t in self.tiers if t.rank > tier.rank and self.in_flight[t.name])
+        avail = max(capacity - sum(decode_load(t) for t in mine) - reserved,
+                    tier.guaranteed_share * capacity - decode_load(tier), m.b_pre_s * steps_per_s)
         ahead = sum(self.queued_tokens[t.name] for t in mine) + prompt_tokens
-        steps = math.ceil(ahead * m.b_pre_s / per_step_s)
-        return steps * (m.a_s + budget_s)
+        return ahead * m.b_pre_s / avail + m.a_s + budget_s
 
     def check(self, tier: Tier, prompt_tokens: int) -> Rejection | None:
+        self.last_prediction_s = None
         if self.queued[tier.name] >= self.queue_limit:
             return Rejection("queue_full", f"tier '{tier.name}' has {self.queued[tier.name]} requests queued "
                              f"(limit {self.queue_limit})", self._retry(tier))
         if not self.enabled:
             return None
-        running = {t: self.in_flight[t] - self.queued[t] for t in self.in_flight}
-        if self.queued[tier.name] == 0 and running[tier.name] < tier.guaranteed_share * sum(running.values()):
-            return None  # a tier running below its guaranteed share with nothing waiting gets the next slot
-        cap = self.model.max_decodes_for(tier.slo.min_tok_s_user)
-        decoding = sum(self.in_flight[t.name] - self.queued[t.name] for t in self._faster_or_equal(tier))
-        if decoding + 1 > cap and decoding > 0:
+        running = self.in_flight[tier.name] - self.queued[tier.name]
+        _, _, capacity, decode_load = self._load(tier)
+        if self.queued[tier.name] == 0 and decode_load(tier) < tier.guaranteed_share * capacity:
+            return None  # a tier using less than its guaranteed share with nothing waiting gets the next slot
+        need, room = self.decode_demand(tier)
+        if need > room and running > 0:
             return Rejection("speed_slo", f"tier '{tier.name}' cannot hold {tier.slo.min_tok_s_user:g} tok/s per user "
-                             f"with {decoding + 1} streams of its priority or higher (the engine's step time allows "
-                             f"{cap})", self._retry(tier))
+                             f"with one more stream: its decodes and faster tiers' would need {need:.0%} of the "
+                             f"engine's step time, {room:.0%} is theirs at the current load", self._retry(tier))
         speed = self.speed_ewma[tier.name]
         if self.in_flight[tier.name] > 0 and 0 < speed < tier.slo.min_tok_s_user / self.slack:
             return Rejection("speed_slo", f"tier '{tier.name}' recently delivered {speed:.1f} tok/s per user "
@@ -96,22 +140,34 @@ class Admission:
             return Rejection("ttft_slo", f"tier '{tier.name}' has {self.queued_tokens[tier.name]} prompt tokens "
                              f"queued, ~{drain:.1f}s of work at its recent rate (SLO {limit_s:g}s)",
                              self._retry(tier, drain))
-        ttft = self.predict_ttft_s(tier, prompt_tokens)
+        raw = self.predict_ttft_s(tier, prompt_tokens)
+        self.last_prediction_s = raw
+        ttft = raw * self.ttft_bias[tier.name]
         if ttft > P95_MARGIN * limit_s:
             return Rejection("ttft_slo", f"tier '{tier.name}' would wait ~{ttft:.1f}s for a first token "
                              f"(SLO {tier.slo.max_ttft_p95_ms / 1000:g}s) at the current load", self._retry(tier, ttft))
         return None
 
     def drain_s(self, tier: str, prompt_tokens: int, window_s: float = 10.0) -> float | None:
-        """Seconds to start everything queued for `tier` (plus this prompt) at the rate it started lately."""
+        """Seconds to start everything queued for `tier` (plus this prompt) at the rate it started lately.
+
+        The rate is prompt tokens started per second over the time the tier's queue has been busy, at
+        most `window_s`: counting idle time before a burst would make an idle server look slow (it
+        turned away a fresh burst of 4 requests with a 10 s estimate). None while the queue has been
+        busy for under a second or has started nothing in that time (the step model judges then).
+        """
         q = self.starts[tier]
         now = time.monotonic()
         while q and now - q[0][0] > window_s:
             q.popleft()
-        if self.queued[tier] == 0 or len(q) < 2:
+        since = self.busy_since.get(tier)
+        if self.queued[tier] == 0 or since is None or now - since < 1.0:
             return None
-        rate = sum(n for _, n in q) / max(now - q[0][0], 1e-3)
-        return (self.queued_tokens[tier] + prompt_tokens) / rate
+        span = min(now - since, window_s)
+        started = sum(n for t, n in q if t >= now - span)
+        if started == 0:
+            return None
+        return (self.queued_tokens[tier] + prompt_tokens) / (started / span)
 
     def _retry(self, tier: Tier, predicted_s: float | None = None) -> int:
         wait = predicted_s - tier.slo.max_ttft_p95_ms / 1000 if predicted_s else self.model.step_s(
@@ -120,13 +176,21 @@ class Admission:
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def admitted(self, tier: str, prompt_tokens: int) -> None:
+        if self.queued[tier] == 0:
+            self.busy_since[tier] = time.monotonic()
         self.queued[tier] += 1
         self.queued_tokens[tier] += prompt_tokens
         self.in_flight[tier] += 1
 
-    def started(self, tier: str, prompt_tokens: int, waited_s: float | None = None) -> None:
+    def started(self, tier: str, prompt_tokens: int, waited_s: float | None = None,
+                predicted_s: float | None = None) -> None:
         self.queued[tier] -= 1
         self.queued_tokens[tier] -= prompt_tokens
+        if self.queued[tier] == 0:
+            self.busy_since.pop(tier, None)
+        if waited_s is not None and predicted_s:
+            ratio = min(8.0, max(0.5, waited_s / predicted_s))
+            self.ttft_bias[tier] = 0.9 * self.ttft_bias[tier] + 0.1 * ratio
         if waited_s is not None:
             self.starts[tier].append((time.monotonic(), prompt_tokens))
             old = self.ttft_ewma_s[tier]

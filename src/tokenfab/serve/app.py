@@ -56,6 +56,7 @@ class Ctx:
     max_tokens: int
     admitted_s: float = 0.0
     started: bool = False
+    predicted_ttft_s: float | None = None  # admission's raw prediction, to learn its bias from
 
 
 class Gateway:
@@ -166,6 +167,7 @@ class Gateway:
             raise self._reject(tier.name, "overloaded", f"server overloaded: {self.engine.num_in_flight} requests "
                                f"in flight (limit {limit})", max(1, round(self.engine.step_ewma_s * 64)))
         rej = self.admission.check(tier, len(prompt_ids))
+        predicted = self.admission.last_prediction_s  # read now: the awaits below let other requests in
         if rej is not None:
             raise self._reject(tier.name, rej.reason, rej.message, rej.retry_after_s)
         rid = prefix + uuid.uuid4().hex
@@ -185,7 +187,7 @@ class Gateway:
         self.admission.admitted(tier.name, len(prompt_ids))
         self.metrics.in_flight.labels(tier.name).inc()
         self.metrics.queued.labels(tier.name).inc()
-        return Ctx(rid, principal, tier, len(prompt_ids), params.max_tokens, time.monotonic())
+        return Ctx(rid, principal, tier, len(prompt_ids), params.max_tokens, time.monotonic(), predicted_ttft_s=predicted)
 
     def _record(self, ctx: Ctx, last: RequestOutput | None, status: str, error: str | None,
                 completion_tokens: int) -> UsageRecord:
@@ -233,7 +235,7 @@ class Gateway:
         if not ctx.started:
             ctx.started = True
             waited = time.monotonic() - ctx.admitted_s if first_token else None
-            self.admission.started(ctx.tier.name, ctx.prompt_tokens, waited)
+            self.admission.started(ctx.tier.name, ctx.prompt_tokens, waited, ctx.predicted_ttft_s)
             self.metrics.queued.labels(ctx.tier.name).dec()
 
     def _end(self, ctx: Ctx, rec: UsageRecord) -> None:
@@ -318,6 +320,8 @@ class Gateway:
                            "per_decode_ms": round(core.step_model.b_dec_s * 1000, 4),
                            "per_prefill_token_ms": round(core.step_model.b_pre_s * 1000, 4),
                            "budget_scale": round(core.scheduler.budget_scale, 3)},
+            "admission": {"ttft_bias": {k: round(v, 3) for k, v in self.admission.ttft_bias.items()},
+                          "queued": dict(self.admission.queued), "in_flight": dict(self.admission.in_flight)},
         })
 
     def _model_card(self) -> dict[str, Any]:
