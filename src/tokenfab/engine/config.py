@@ -63,7 +63,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     linear_kernel: str = "auto"  # auto | dense | int8 (auto: int8 weight-only for small batches, dense for large)
-    int8_max_tokens: int = 8  # with linear_kernel=auto, token counts up to this use the int8 kernel
+    int8_max_tokens: int = 12  # with linear_kernel=auto, token counts up to this use the int8 kernel (crossover ~14 here)
     block_size: int = 16
     num_kv_blocks: int = 0  # 0: derive from kv_cache_gb
     kv_cache_gb: float = 1.0

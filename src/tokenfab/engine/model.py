@@ -101,7 +101,7 @@ class LlamaModel:
         dtype: torch.dtype,
         device: torch.device,
         kernel: str = "auto",
-        int8_max_tokens: int = 8,
+        int8_max_tokens: int = 12,
     ) -> None:
         self.args = args
         self.dtype = dtype
