@@ -45,12 +45,15 @@ def ours(url: str, n: int, conc: int, seed: int) -> dict[str, float]:
             "output_tok_s": s["output_tok_s"], "output_tokens": s["output_tokens"]}
 
 
-def guidellm(exe: str, processor: str, url: str, n: int, conc: int) -> dict[str, float]:
+def guidellm(exe: str, processor: str, url: str, n: int, conc: int, workers: int) -> dict[str, float]:
     out = Path(tempfile.mkdtemp()) / "gl.json"
     cmd = [exe, "benchmark", "run", "--target", url, "--model", MODEL, "--processor", processor,
            "--data", "prompt_tokens=128,output_tokens=64", "--rate-type", "concurrent", "--rate", str(conc),
            "--max-requests", str(n), "--output-path", str(out), "--disable-progress", "--disable-console-outputs"]
-    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, timeout=900)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if workers > 0:  # guidellm starts min(streams, max(cpus - 1, 10)) worker processes by default
+        env["GUIDELLM__MAX_WORKER_PROCESSES"] = str(workers)
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=900)
     b = json.loads(out.read_text())["benchmarks"][0]
     m = b["metrics"]
 
@@ -71,6 +74,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--guidellm-workers", type=int, default=1,
+                    help="guidellm worker processes (default 1: the load generators get one core; 0 = its default)")
     args = ap.parse_args()
     runs: dict[str, list[dict]] = {"tokenfab bench": [], "guidellm": []}
     server = None
@@ -109,7 +114,8 @@ def main() -> int:
             runs["tokenfab bench"].append(ours(url, args.requests, args.concurrency, rep))
             seen["tokenfab bench"].append(server_side(t0))
             t0 = time.time()
-            runs["guidellm"].append(guidellm(args.guidellm, args.processor, url, args.requests, args.concurrency))
+            runs["guidellm"].append(guidellm(args.guidellm, args.processor, url, args.requests, args.concurrency,
+                                            args.guidellm_workers))
             seen["guidellm"].append(server_side(t0))
     finally:
         if server is not None:
