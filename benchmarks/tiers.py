@@ -53,7 +53,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of open-loop load per policy")
     ap.add_argument("--overload", type=float, default=2.0, help="offered load as a multiple of capacity")
-    ap.add_argument("--policies", default="tiered,fcfs", help="comma-separated: tiered, fcfs (both by default)")
+    ap.add_argument("--policies", default="fcfs,tiered",
+                    help="comma-separated, run in this order: fcfs, tiered; the first also measures capacity")
     ap.add_argument("--capacity", type=float, default=None, help="requests/s; skips the closed-loop measurement")
     ap.add_argument("--input-len", default="128")
     ap.add_argument("--output-len", default="64")
