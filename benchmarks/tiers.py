@@ -2,9 +2,9 @@
 
 Both servers are the same `tokenfab serve` with the same tier table and keys; one runs with tier
 admission and tier-aware scheduling (the default), the other with `tier_scheduling: false` (plain
-first come, first served, shedding only at the global queue bound). The load is measured first
-(closed loop, 32 streams) to find the capacity in requests/s, then replayed at 2x that rate with
-requests spread evenly over the three tiers' keys.
+first come, first served, shedding only at the global queue bound). The first server (FCFS by
+default) measures the capacity in requests/s (closed loop, 32 streams); each server then gets the
+open-loop load at 2x that rate, requests spread evenly over the three tiers' keys.
 
     python benchmarks/tiers.py [--duration 60] [--overload 2.0]
 """
