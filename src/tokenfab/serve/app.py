@@ -57,6 +57,7 @@ class Ctx:
     admitted_s: float = 0.0
     started: bool = False
     predicted_ttft_s: float | None = None  # admission's raw prediction, to learn its bias from
+    received_s: float | None = None  # when the server began reading the request (monotonic)
 
 
 class Gateway:
@@ -187,7 +188,8 @@ class Gateway:
         self.admission.admitted(tier.name, len(prompt_ids))
         self.metrics.in_flight.labels(tier.name).inc()
         self.metrics.queued.labels(tier.name).inc()
-        return Ctx(rid, principal, tier, len(prompt_ids), params.max_tokens, time.monotonic(), predicted_ttft_s=predicted)
+        return Ctx(rid, principal, tier, len(prompt_ids), params.max_tokens, time.monotonic(), predicted_ttft_s=predicted,
+                   received_s=getattr(request.state, "received_s", None))
 
     def _record(self, ctx: Ctx, last: RequestOutput | None, status: str, error: str | None,
                 completion_tokens: int) -> UsageRecord:
@@ -199,14 +201,19 @@ class Gateway:
         mc = self.settings.meter
         cost = request_cost_usd(m.joules, m.device_s, mc.electricity_usd_per_kwh, mc.pue,
                                 mc.capex_usd_per_hour) if m else None
-        ms = (lambda v: None if v is None else v * 1000.0)  # noqa: E731
+        # timings run from when the server received the request: parsing, tokenising, auth, admission
+        # and the budget reservation happen before the engine's own clock starts, and a user waits
+        # through them too
+        gateway_s = max(0.0, m.arrival_s - ctx.received_s) if m and ctx.received_s is not None else 0.0
+        ms = (lambda v: None if v is None else (v + gateway_s) * 1000.0)  # noqa: E731
+        dur = (lambda v: None if v is None else v * 1000.0)  # noqa: E731
         return UsageRecord(
             request_id=ctx.rid, tenant=ctx.principal.tenant, tier=tier.name, model=model, status=status,
             prompt_tokens=prompt, cached_tokens=last.cached_tokens if last else 0, completion_tokens=completion,
             finish_reason=last.finish_reason if last else None, error=error,
             queue_ms=ms(m.queue_s) if m else None, ttft_ms=ms(m.ttft_s) if m else None,
-            tpot_ms=ms(m.tpot_s) if m else None, itl_p50_ms=ms(m.itl_p50_s) if m else None,
-            itl_p99_ms=ms(m.itl_p99_s) if m else None, itl_max_ms=ms(m.itl_max_s) if m else None,
+            tpot_ms=dur(m.tpot_s) if m else None, itl_p50_ms=dur(m.itl_p50_s) if m else None,
+            itl_p99_ms=dur(m.itl_p99_s) if m else None, itl_max_ms=dur(m.itl_max_s) if m else None,
             e2e_ms=ms(m.e2e_s) if m else None, joules=m.joules if m else None,
             energy_source=self.energy_source if m else None, device_s=m.device_s if m else None,
             cost_usd=cost, price_usd=price,
@@ -368,6 +375,7 @@ class Gateway:
         return req
 
     async def completions(self, request: Request) -> Response:
+        request.state.received_s = time.monotonic()
         req = await self.parse(request, CompletionRequest)
         for name, bad in (("echo", req.echo), ("logprobs", req.logprobs), ("suffix", req.suffix),
                           ("best_of", req.best_of not in (None, 1))):
@@ -393,6 +401,7 @@ class Gateway:
         return await self.start(request, req, ids, max_tokens, "prompt", "cmpl-", _CompletionFormat)
 
     async def chat(self, request: Request) -> Response:
+        request.state.received_s = time.monotonic()
         req = await self.parse(request, ChatRequest)
         if req.logprobs or req.top_logprobs:
             raise APIError(400, "'logprobs' is not supported by this server", param="logprobs")
