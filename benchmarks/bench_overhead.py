@@ -17,9 +17,11 @@ import json
 import multiprocessing as mp
 import os
 import random
+import resource
 import socket
 import sys
 import time
+import urllib.request
 
 import numpy as np
 
@@ -106,8 +108,6 @@ def main() -> int:
     proc.start()
     ready.wait(10)
     os.sched_setaffinity(0, {cpus[0]})  # the bench gets one core
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ep = Endpoint(f"http://127.0.0.1:{port}/v1", "scripted", timeout_s=120)
@@ -116,8 +116,6 @@ def main() -> int:
     ramp_s = (args.ttft_ms + args.gap_ms * args.tokens) / 1000 if args.ramp_s is None else args.ramp_s
     records = run_load_sync(ep, jobs, LoadSpec(concurrency=args.streams, ramp_s=ramp_s))
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    import urllib.request
-
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/sent", timeout=60) as resp:
         sent = json.loads(resp.read())
     proc.terminate()

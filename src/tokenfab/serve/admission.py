@@ -77,6 +77,10 @@ class Admission:
 
         return budget_s, steps_per_s, budget_s * steps_per_s, decode_load
 
+    def _reserved_share(self, tier: Tier) -> float:
+        """Share of step time promised to the guarantees of slower tiers that have work."""
+        return sum(t.guaranteed_share for t in self.tiers if t.rank > tier.rank and self.in_flight[t.name])
+
     def decode_demand(self, tier: Tier) -> tuple[float, float]:
         """(share of step time the decodes of `tier` and faster tiers need with one more stream of `tier`,
         share they can have): the guarantees of slower tiers with work come first, and `tier` itself
@@ -85,11 +89,9 @@ class Admission:
         mine = self._faster_or_equal(tier)
         need = (sum(decode_load(t) for t in mine) + decode_load(tier, 1)) / capacity
         own = (decode_load(tier) + decode_load(tier, 1)) / capacity
-        reserved = sum(t.guaranteed_share for t in self.tiers if t.rank > tier.rank and self.in_flight[t.name])
-        room = 1.0 - reserved
         if own > tier.max_share:  # report the binding limit
             return own, tier.max_share
-        return need, room
+        return need, 1.0 - self._reserved_share(tier)
 
     def predict_ttft_s(self, tier: Tier, prompt_tokens: int) -> float:
         """Seconds until a new request of `tier` would get its first token, from the live step model.
@@ -101,7 +103,7 @@ class Admission:
         m = self.model
         budget_s, steps_per_s, capacity, decode_load = self._load(tier)
         mine = self._faster_or_equal(tier)
-        reserved = sum(t.guaranteed_share * capacity for t in self.tiers if t.rank > tier.rank and self.in_flight[t.name])
+        reserved = self._reserved_share(tier) * capacity
         avail = max(capacity - sum(decode_load(t) for t in mine) - reserved,
                     tier.guaranteed_share * capacity - decode_load(tier), m.b_pre_s * steps_per_s)
         ahead = sum(self.queued_tokens[t.name] for t in mine) + prompt_tokens
@@ -130,7 +132,7 @@ class Admission:
                              self._retry(tier))
         limit_s = tier.slo.max_ttft_p95_ms / 1000 * self.slack
         recent = self.ttft_ewma_s[tier.name]
-        # observed: recent requests' mean wait is already half the p95 limit and more are waiting
+        # observed: recent requests' mean wait is already past the margin and more are waiting
         if self.queued[tier.name] > 0 and recent > P95_MARGIN * limit_s:
             return Rejection("ttft_slo", f"tier '{tier.name}' recently took ~{recent:.1f}s to a first token "
                              f"(SLO {limit_s:g}s) and {self.queued[tier.name]} requests are waiting",
