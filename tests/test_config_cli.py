@@ -29,6 +29,7 @@ def test_defaults_without_file(tmp_path, monkeypatch):
     [
         ("engine:\n  max_num_seqs: lots\n", "engine.max_num_seqs: expected int"),
         ("engine:\n  warp_speed: 9\n", "unknown key engine.warp_speed"),
+        ("engine:\n  int8_max_tokens: 8\n", "engine.int8_max_tokens is now called engine.small_batch_max_tokens"),
         ("server: [1, 2]\n", "must be a mapping"),
         ("server:\n  port: [\n", "not valid YAML"),
     ],

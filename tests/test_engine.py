@@ -164,13 +164,56 @@ def test_request_too_long_is_refused_with_both_lengths(engine):
         engine.add_request([5] * 2000, SamplingParams(max_tokens=100))
 
 
-def test_int8_kernel_tracks_dense(real_model):
-    """The auto kernel (int8 for small batches) uses the same rounded weights as its dense path."""
-    eng = make_engine(real_model, dtype="float32", linear_kernel="auto", int8_max_tokens=4)
+def test_weight_only_kernels_track_dense(real_model):
+    """The auto kernel runs the GGUF's Q4 tensors as int4 without re-rounding them, and the tied
+    embedding (Q8_0) as int8; each small-batch kernel computes the same function as its dense path."""
+    eng = make_engine(real_model, dtype="float32", linear_kernel="auto", small_batch_max_tokens=4)
+    layer = eng.model.layers[0]
+    assert [lin.kind for lin in (layer[1], layer[2], layer[4], layer[5])] == ["int4"] * 4
+    assert eng.model.lm_head.kind == "int8"
+    qkv = layer[1]
+    # the int4 path's dense weights are the loaded (Q4_1-dequantised) weights themselves
+    args = eng.model.args
+    wq = real_model.weights["layers.0.q"].float()
+    assert torch.allclose(qkv.weight[: args.num_heads * args.head_dim], wq, atol=1e-6)
+    for lin in (qkv, eng.model.lm_head):
+        x = torch.randn(3, lin.weight.shape[1])
+        assert torch.allclose(lin(x), F.linear(x, lin.weight), atol=1e-3, rtol=1e-3)
     prompt = eng.tokenizer.encode(PROMPTS[1])
-    lin = eng.model.layers[0][1]
-    x = torch.randn(3, lin.weight.shape[1])
-    dense = F.linear(x, lin.weight)
-    assert torch.allclose(lin(x), dense, atol=1e-3, rtol=1e-3)
     out = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
     assert len(out) == 8
+
+
+def test_int4_packing_accepts_only_weights_on_a_4bit_grid():
+    from tokenfab.engine.model import _as_int4_groups
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (32, 64), generator=g).float()
+    q[:, 0::32], q[:, 1::32] = 0, 15  # Q4_1 takes each block's min and max as its end levels
+    d = torch.rand(32, 2, generator=g).repeat_interleave(32, dim=1) + 0.01
+    lo = torch.randn(32, 2, generator=g).repeat_interleave(32, dim=1)
+    packed = _as_int4_groups(q * d + lo)
+    assert packed is not None
+    qi, sz = packed
+    assert sz.shape == (2, 32, 2)
+    assert torch.equal(qi.float(), q)
+    assert _as_int4_groups(torch.randn(32, 64, generator=g)) is None  # ordinary weights keep int8
+    assert _as_int4_groups(torch.randn(8, 64, generator=g)) is None  # the kernel needs N % 16 == 0
+
+
+@pytest.mark.parametrize("past", [0, 300])
+def test_prefill_attention_matches_sdpa_in_bf16(real_model, past):
+    """Blocked prefill attention (bf16 scores, fp32 softmax) vs torch's SDPA on the same inputs."""
+    eng = make_engine(real_model, dtype="bfloat16")
+    a = eng.model.args
+    g = torch.Generator().manual_seed(1)
+    n = 600  # more than two query blocks, the last one partial
+    q = torch.randn(n, a.num_heads, a.head_dim, generator=g).bfloat16()
+    k = torch.randn(a.num_kv_heads, past + n, a.head_dim, generator=g).bfloat16()
+    v = torch.randn(a.num_kv_heads, past + n, a.head_dim, generator=g).bfloat16()
+    got = eng.model._prefill_attention(q, k, v, past).float()
+    mask = torch.arange(past + n)[None, :] <= (past + torch.arange(n))[:, None]
+    want = F.scaled_dot_product_attention(q.float().transpose(0, 1)[None], k.float()[None], v.float()[None],
+                                          attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+    assert (got - want).abs().max() < 0.03
+    assert (got - want).abs().mean() < 2e-3

@@ -72,6 +72,9 @@ SECTIONS = {"server": ServerConfig, "engine": EngineConfig, "ledger": LedgerConf
             "admission": AdmissionConfig}
 
 
+RENAMED = {"int8_max_tokens": "small_batch_max_tokens"}  # old key -> new key, for a clear error
+
+
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
     hints = typing.get_type_hints(cls)
     out = {}
@@ -146,6 +149,8 @@ def load_settings(path: str | None = None, cli: dict[str, Any] | None = None, en
             if not isinstance(body, dict):
                 raise ConfigError(f"{file}: section {section!r} must be a mapping")
             for k, v in body.items():
+                if k in RENAMED:
+                    raise ConfigError(f"{file}: {section}.{k} is now called {section}.{RENAMED[k]}; rename the key")
                 if k not in keys or keys[k][0] != section:
                     raise ConfigError(f"{file}: unknown key {section}.{k}")
                 values[section][k] = _convert(f"{section}.{k}", v, keys[k][1].type)

@@ -62,8 +62,8 @@ class EngineConfig:
     model: str = "smollm2-135m-instruct"  # bundled name, "synthetic", or a path (GGUF file or HF folder)
     device: str = "cpu"
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    linear_kernel: str = "auto"  # auto | dense | int8 (auto: int8 weight-only for small batches, dense for large)
-    int8_max_tokens: int = 12  # with linear_kernel=auto, token counts up to this use the int8 kernel (crossover ~14 here)
+    linear_kernel: str = "auto"  # auto | dense | int8 (auto: int4 for GGUF Q4_1 weights, else int8, weight-only, for small batches; dense for large)
+    small_batch_max_tokens: int = 12  # with linear_kernel=auto, token counts up to this use the weight-only kernel (crossover ~14-16 here)
     block_size: int = 16
     num_kv_blocks: int = 0  # 0: derive from kv_cache_gb
     kv_cache_gb: float = 1.0

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenfab.engine.block_manager import BlockManager
+from tokenfab.engine.cpu_memory import keep_freed_memory
 from tokenfab.engine.config import EngineConfig
 from tokenfab.engine.loader import LoadedModel, load_model
 from tokenfab.engine.model import LlamaModel
@@ -80,13 +81,15 @@ class LLMEngine:
         self.energy = energy  # a tokenfab.meter.energy.EnergySource, or None
         if config.threads > 0:
             torch.set_num_threads(config.threads)
+        if config.device == "cpu":
+            keep_freed_memory()
         t0 = time.monotonic()
         self.loaded = loaded or load_model(config)
         self.tokenizer = self.loaded.tokenizer
         self.dtype = resolve_dtype(config)
         device = torch.device(config.device)
         args = self.loaded.args
-        self.model = LlamaModel(args, self.loaded.weights, self.dtype, device, config.linear_kernel, config.int8_max_tokens)
+        self.model = LlamaModel(args, self.loaded.weights, self.dtype, device, config.linear_kernel, config.small_batch_max_tokens)
         self.max_model_len = min(config.max_model_len, args.max_position)
         num_blocks = config.num_kv_blocks
         if num_blocks <= 0:

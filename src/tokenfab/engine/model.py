@@ -3,8 +3,9 @@
 Tokens of all sequences in a step are packed into one flat batch for every matmul; attention is
 done per group: one batched call for all single-token (decode) rows, one call per multi-token
 (prefill chunk) row. Linear layers choose their kernel by the number of tokens in the step:
-int8 weight-only for small batches (memory-bound), dense for large ones (compute-bound); both
-kernels compute with the same int8-rounded weights, so the choice changes speed, not the function.
+weight-only int4 (GGUF Q4_1 tensors) or int8 for small batches (memory-bound), dense for large ones
+(compute-bound); both kernels compute with the same rounded weights, so the choice changes speed,
+not the function.
 """
 
 from __future__ import annotations
@@ -18,29 +19,77 @@ import torch.nn.functional as F
 from tokenfab.engine.config import ModelArgs
 
 
+INT4_GROUP = 32
+PREFILL_BLOCK = 256  # query rows per block in prefill attention
+
+
+def _as_int4_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(q [N, K] int32 in 0..15, scales_and_zeros [K/32, N, 2]) if `w` already lies on a 4-bit grid.
+
+    A GGUF Q4_1 tensor is 16 levels per block of 32 weights with the block's min and max as its end
+    levels, so after dequantisation each group's values are exactly min + d * q, d = (max - min) / 15. Such a weight is re-packed
+    for torch's int4 weight-only kernel without further rounding; any other weight returns None
+    (rounding it to 4 bits would change the model, so it keeps the int8 kernel).
+    """
+    n, k = w.shape
+    if k % INT4_GROUP or n % 16:
+        return None
+    g = w.float().view(n, k // INT4_GROUP, INT4_GROUP)
+    lo = g.amin(-1, keepdim=True)
+    d = ((g.amax(-1, keepdim=True) - lo) / 15.0).clamp(min=1e-12)
+    q = torch.round((g - lo) / d).clamp(0, 15)
+    # values already on the grid round back within their storage precision (bf16: ~15 d / 256)
+    if ((q * d + lo - g).abs() > 0.1 * d).any():
+        return None
+    scales = d.squeeze(-1).to(w.dtype)
+    zeros = (lo.squeeze(-1) + 8.0 * scales.float()).to(w.dtype)  # the kernel computes (q - 8) * scale + zero
+    return q.view(n, k).to(torch.int32), torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+
+
 class Linear:
-    """y = x @ W.T (+ b), with an optional int8 weight-only kernel for small token counts."""
+    """y = x @ W.T (+ b), with a weight-only low-bit kernel for small token counts.
 
-    __slots__ = ("weight", "bias", "w_int8", "scales", "int8_max_tokens")
+    `kernel`: "dense" (plain matmul), "int8" (int8 weight-only for every batch), or "auto": for up to
+    `small_max_tokens` tokens, int4 weight-only where the weights already lie on a 4-bit grid (GGUF
+    Q4_1 tensors), int8 per-channel otherwise; dense above. The dense path uses the same rounded
+    weights as the small-batch kernel, so the choice changes speed, not the function.
+    """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str, int8_max_tokens: int) -> None:
+    __slots__ = ("weight", "bias", "kind", "w_q", "scales", "small_max_tokens")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str, small_max_tokens: int) -> None:
         self.bias = bias
-        self.w_int8: torch.Tensor | None = None
+        self.kind = "dense"
+        self.w_q: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None
-        self.int8_max_tokens = 0
+        self.small_max_tokens = 0
         if kernel in ("int8", "auto") and weight.device.type == "cpu":
-            w = weight.float()
-            scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
-            self.w_int8 = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-            self.scales = scales.to(weight.dtype)
-            # the dense path uses the same rounded weights
-            weight = (self.w_int8.float() * scales[:, None]).to(weight.dtype)
-            self.int8_max_tokens = 1 << 30 if kernel == "int8" else int8_max_tokens
+            packed = _as_int4_groups(weight) if kernel == "auto" else None
+            if packed is not None:
+                q, sz = packed
+                self.kind = "int4"
+                self.w_q = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+                self.scales = sz
+                n, k = q.shape
+                s, z = sz[..., 0].float().t(), sz[..., 1].float().t()  # [N, K/32]
+                deq = (q.view(n, k // INT4_GROUP, INT4_GROUP).float() - 8.0) * s[..., None] + z[..., None]
+                weight = deq.view(n, k).to(weight.dtype)
+            else:
+                w = weight.float()
+                scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+                self.kind = "int8"
+                self.w_q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+                self.scales = scales.to(weight.dtype)
+                weight = (self.w_q.float() * scales[:, None]).to(weight.dtype)
+            self.small_max_tokens = 1 << 30 if kernel == "int8" else small_max_tokens
         self.weight = weight.contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w_int8 is not None and x.shape[0] <= self.int8_max_tokens:
-            y = torch._weight_int8pack_mm(x, self.w_int8, self.scales)
+        if x.shape[0] <= self.small_max_tokens:
+            if self.kind == "int4":
+                y = torch._weight_int4pack_mm_for_cpu(x, self.w_q, INT4_GROUP, self.scales)
+            else:
+                y = torch._weight_int8pack_mm(x, self.w_q, self.scales)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
@@ -77,11 +126,12 @@ class AttnGroup:
     """Attention work for one step, shared by every layer."""
 
     dec_rows: torch.Tensor | None  # [Bd] indices into the flat token batch
-    dec_slots: torch.Tensor | None  # [Bd * Lmax] cache slots to gather
+    dec_blocks: torch.Tensor | None  # [2 KV heads * Bd * blocks] rows of the cache's (head, block) view
     dec_bias: torch.Tensor | None  # [1, Bd, 1, Lmax] float32: 0 for real keys, -inf for padding
-    dec_len: int
-    # (row start, n rows, ctx slots or None when the chunk is the whole context, mask or None for causal)
-    prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]
+    dec_len: int  # Lmax: blocks per sequence x block size
+    # (row start, n rows, context slots or None when the chunk is the whole context, tokens before the chunk)
+    prefills: list[tuple[int, int, torch.Tensor | None, int]]
+    block_size: int = 16
 
 
 @dataclass
@@ -101,7 +151,7 @@ class LlamaModel:
         dtype: torch.dtype,
         device: torch.device,
         kernel: str = "auto",
-        int8_max_tokens: int = 12,
+        small_batch_max_tokens: int = 12,
     ) -> None:
         self.args = args
         self.dtype = dtype
@@ -111,7 +161,7 @@ class LlamaModel:
             return weights[name].to(device=device, dtype=dtype)
 
         def lin(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-            return Linear(weight, bias, kernel if device.type == "cpu" else "dense", int8_max_tokens)
+            return Linear(weight, bias, kernel if device.type == "cpu" else "dense", small_batch_max_tokens)
 
         self.embed = w("embed")
         self.layers = []
@@ -137,14 +187,12 @@ class LlamaModel:
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
 
-    def allocate_kv(self, num_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def allocate_kv(self, num_slots: int) -> list[torch.Tensor]:
         a = self.args
-        # [kv heads, slots, head dim]: a gather of slots is then already batched by (kv head, sequence)
-        shape = (a.num_kv_heads, num_slots, a.head_dim)
-        return [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(a.num_layers)
-        ]
+        # one tensor per layer, [K heads then V heads, slots, head dim]: one index_copy_ writes a step's
+        # keys and values, one index_select gathers both, already batched by (kv head, sequence)
+        shape = (2 * a.num_kv_heads, num_slots, a.head_dim)
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(a.num_layers)]
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, hd/2]
@@ -156,7 +204,7 @@ class LlamaModel:
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
-    def _decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttnGroup) -> torch.Tensor:
+    def _decode_attention(self, q: torch.Tensor, cache: torch.Tensor, g: AttnGroup) -> torch.Tensor:
         """One query per sequence over its paged context: two batched matmuls per (kv head, sequence).
 
         Measured on the 2-core CPU (bf16, 9 query / 3 KV heads): torch's SDPA with one query row costs
@@ -166,50 +214,79 @@ class LlamaModel:
         a = self.args
         kvh, hd, rep = a.num_kv_heads, a.head_dim, a.num_heads // a.num_kv_heads
         bd, lmax = q.shape[0], g.dec_len
-        keys = k_cache.index_select(1, g.dec_slots).view(kvh * bd, lmax, hd)
-        vals = v_cache.index_select(1, g.dec_slots).view(kvh * bd, lmax, hd)
+        # whole blocks (block size x head dim contiguous per KV head) in one gather: one row per
+        # (head, sequence, block) is ~16x fewer and larger copies than one row per token
+        bs = g.block_size
+        kv = cache.view(cache.shape[0] * (cache.shape[1] // bs), bs * hd)
+        kv = kv.index_select(0, g.dec_blocks).view(2 * kvh, bd * lmax, hd)
+        keys = kv[:kvh].view(kvh * bd, lmax, hd)
+        vals = kv[kvh:].view(kvh * bd, lmax, hd)
         qq = q.view(bd, kvh, rep, hd).transpose(0, 1).reshape(kvh * bd, rep, hd)
         scores = torch.bmm(qq, keys.transpose(1, 2)).view(kvh, bd, rep, lmax).float()
-        scores = scores.mul_(hd**-0.5)
-        if bd > 1:  # a single row has no padding to mask
-            scores = scores.add_(g.dec_bias)
+        scores = scores.mul_(hd**-0.5).add_(g.dec_bias)
         probs = scores.softmax(-1).to(q.dtype).view(kvh * bd, rep, lmax)
         return torch.bmm(probs, vals).view(kvh, bd, rep, hd).transpose(0, 1).reshape(bd, kvh * rep, hd)
 
+    def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+        """Causal attention of a chunk of `n` queries (positions past..past+n-1) over keys 0..past+n-1.
+
+        q: [n, heads, hd]; k, v: [kv heads, past + n, hd]. Queries go in blocks of PREFILL_BLOCK rows,
+        each over only the keys it can see (so the causal upper triangle is skipped block-wise), with
+        two batched matmuls per block in the model dtype and the softmax computed in fp32.
+        The scores leave the QK matmul in the model dtype: for bf16 that rounds them to 8 bits of
+        mantissa, the same relative precision q and k already carry, and it makes prefill attention
+        1.6x faster than torch's CPU flash attention here (measured: 22 vs 35 ms per layer at 2,048
+        tokens). The probabilities are rounded to the model dtype for the second matmul, as GPU flash
+        attention does.
+        """
+        a = self.args
+        kvh, hd, rep = a.num_kv_heads, a.head_dim, a.num_heads // a.num_kv_heads
+        n = q.shape[0]
+        qg = (q * hd**-0.5).view(n, kvh, rep, hd).transpose(0, 1)  # [kvh, n, rep, hd]; the scale is exact in bf16
+        kt = k.transpose(1, 2)  # [kvh, hd, L]
+        out = torch.empty(n, kvh, rep, hd, dtype=q.dtype, device=q.device)
+        for s in range(0, n, PREFILL_BLOCK):
+            e = min(n, s + PREFILL_BLOCK)
+            m, kend = e - s, past + e
+            scores = torch.bmm(qg[:, s:e].reshape(kvh, m * rep, hd), kt[:, :, :kend]).view(kvh, m, rep, kend)
+            # this block's own keys: query i sees keys up to past + s + i
+            tri = torch.ones(m, m, dtype=torch.bool, device=q.device).triu_(1)
+            scores[..., past + s :].masked_fill_(tri[None, :, None, :], float("-inf"))
+            probs = scores.softmax(-1).view(kvh, m * rep, kend)  # fp32 inside, model dtype out
+            out[s:e] = torch.bmm(probs, v[:, :kend]).view(kvh, m, rep, hd).transpose(0, 1)
+        return out.view(n, kvh * rep, hd)
+
     @torch.inference_mode()
-    def forward(self, batch: StepBatch, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, batch: StepBatch, kv: list[torch.Tensor]) -> torch.Tensor:
         a = self.args
         h, kvh, hd = a.num_heads, a.num_kv_heads, a.head_dim
         t = batch.input_ids.shape[0]
         x = self.embed[batch.input_ids]
         cos, sin = self._rope(batch.positions)
         g = batch.attn
-        for (attn_norm, qkv_proj, o_proj, ffn_norm, gate_up, down), (k_cache, v_cache) in zip(self.layers, kv):
+        only_decodes = not g.prefills  # then the decode rows are the whole batch, in order
+        for (attn_norm, qkv_proj, o_proj, ffn_norm, gate_up, down), cache in zip(self.layers, kv):
             hs = rms_norm(x, attn_norm, a.rms_eps)
-            qkv = qkv_proj(hs)
-            # Q and K sit side by side in the fused projection: rotate them in one pass
-            qk = self._apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, h + kvh, hd), cos, sin)
-            q, k = qk[:, :h], qk[:, h:]
-            v = qkv[:, self.q_size + self.kv_size :].view(t, kvh, hd)
-            k_cache.index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
-            v_cache.index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
-            out = torch.empty(t, h, hd, dtype=x.dtype, device=x.device)
-            if g.dec_rows is not None:
-                out.index_copy_(0, g.dec_rows, self._decode_attention(q.index_select(0, g.dec_rows), k_cache, v_cache, g))
-            for start, n, slots, mask in g.prefills:
-                qp = q[start : start + n].transpose(0, 1).unsqueeze(0)
+            qkv = qkv_proj(hs).view(t, h + 2 * kvh, hd)
+            # Q and K sit side by side in the fused projection: rotate them in one pass, in place,
+            # so that K and V stay adjacent and go to the cache in one copy
+            qkv[:, : h + kvh] = self._apply_rope(qkv[:, : h + kvh], cos, sin)
+            q, k, v = qkv[:, :h], qkv[:, h : h + kvh], qkv[:, h + kvh :]
+            cache.index_copy_(1, batch.slot_mapping, qkv[:, h:].transpose(0, 1))
+            if only_decodes:
+                out = self._decode_attention(q, cache, g)
+            else:
+                out = torch.empty(t, h, hd, dtype=x.dtype, device=x.device)
+            if g.dec_rows is not None and not only_decodes:
+                out.index_copy_(0, g.dec_rows, self._decode_attention(q.index_select(0, g.dec_rows), cache, g))
+            for start, n, slots, past in g.prefills:
                 if slots is None:
-                    kp = k[start : start + n].transpose(0, 1).unsqueeze(0)
-                    vp = v[start : start + n].transpose(0, 1).unsqueeze(0)
+                    kp, vp = k[start : start + n].transpose(0, 1), v[start : start + n].transpose(0, 1)
                 else:
-                    kp = k_cache.index_select(1, slots).unsqueeze(0)
-                    vp = v_cache.index_select(1, slots).unsqueeze(0)
-                if mask is None:
-                    op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
-                else:
-                    op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
-                out[start : start + n] = op[0].transpose(0, 1)
-            x = x + o_proj(out.view(t, h * hd))
+                    kvp = cache.index_select(1, slots)
+                    kp, vp = kvp[:kvh], kvp[kvh:]
+                out[start : start + n] = self._prefill_attention(q[start : start + n], kp, vp, past)
+            x = x + o_proj(out.reshape(t, h * hd))
             hs = rms_norm(x, ffn_norm, a.rms_eps)
             gu = gate_up(hs)
             f = gu.shape[1] // 2

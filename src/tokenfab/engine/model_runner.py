@@ -13,6 +13,7 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
         self.model = model
         self.block_size = block_size
+        self.num_blocks = num_blocks
         self.kv = model.allocate_kv(num_blocks * block_size)
         self.device = model.device
         self._offsets = np.arange(block_size, dtype=np.int64)
@@ -45,27 +46,32 @@ class ModelRunner:
             if n == 1:
                 dec.append((row, seq, end))
             elif start == 0:
-                prefills.append((row, n, None, None))
+                prefills.append((row, n, None, 0))
             else:
-                q_pos = np.arange(start, end)[:, None]
-                mask = torch.from_numpy(np.arange(end)[None, :] <= q_pos).to(dev)
-                prefills.append((row, n, torch.from_numpy(ctx).to(dev), mask))
+                prefills.append((row, n, torch.from_numpy(ctx).to(dev), start))
             row += n
-        group = AttnGroup(None, None, None, 0, prefills)
+        group = AttnGroup(None, None, None, 0, prefills, self.block_size)
         if dec:
-            lmax = max(L for _, _, L in dec)
-            gather = np.zeros((len(dec), lmax), dtype=np.int64)
+            bs = self.block_size
+            nb = max(-(-L // bs) for _, _, L in dec)
+            tables = np.zeros((len(dec), nb), dtype=np.int64)  # padding points at block 0, masked below
             lens = np.empty(len(dec), dtype=np.int64)
             for i, (_, seq, L) in enumerate(dec):
-                gather[i, :L] = self._slots(seq, L)
+                used = -(-L // bs)
+                tables[i, :used] = seq.block_table[:used]
                 lens[i] = L
+            # rows of the cache viewed as [2 KV heads x blocks, block size x head dim]
+            heads = self.model.args.num_kv_heads * 2
+            rows = np.arange(heads, dtype=np.int64)[:, None, None] * self.num_blocks + tables[None]
+            lmax = nb * bs
             bias = np.where(np.arange(lmax)[None, :] < lens[:, None], 0.0, -np.inf).astype(np.float32)
             group = AttnGroup(
                 torch.tensor([r for r, _, _ in dec], device=dev),
-                torch.from_numpy(gather.ravel()).to(dev),
+                torch.from_numpy(rows.ravel()).to(dev),
                 torch.from_numpy(bias).to(dev).view(1, len(dec), 1, lmax),
                 lmax,
                 prefills,
+                bs,
             )
         batch = StepBatch(
             input_ids=torch.tensor(ids, device=dev),

