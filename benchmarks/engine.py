@@ -5,8 +5,14 @@ Measures, over real HTTP on loopback, for each server in turn (ABAB... for --rep
     as output tok/s (all output tokens / wall time) and tok/s per user (1 / TPOT, median);
   * TTFT for ~128, ~512 and ~2048-token prompts (token-id prompts, unique per run, so no prefix cache);
   * peak RSS of the server process.
+Decode is reported two ways: end to end (all output tokens / wall time, prefill of the prompts
+included) and steady state (tokens produced while every stream is past its first token and none has
+finished / that window), which is the rate the matmul-only bound describes.
 In the same run it measures the machine's matmul-only bound for SmolLM2-135M's shapes (30 layers +
-LM head, bf16, and int8 weight-only at 1 sequence) and reports the engine as a fraction of it.
+LM head, bf16; and at 1 sequence the weight-only kernels the engine uses there: int4 layers + int8
+LM head, and int8 throughout) and reports the engine as a fraction of it. The bound is measured with
+the same allocator setting the engine uses (tokenfab.engine.cpu_memory), so neither side pays page
+faults the other does not.
 
     python benchmarks/engine.py [--llama-server PATH] [--reps 2] [--threads 2]
 
@@ -63,57 +69,93 @@ def cpu_model() -> str:
 
 
 # --- matmul-only bound ---------------------------------------------------------------------------------
-def matmul_bound(threads: int) -> dict[str, float]:
-    import torch
+class MatmulBound:
+    """SmolLM2-135M's matmuls alone (30 layers of fused QKV, O, fused gate-up and down, plus the LM head)."""
 
-    torch.set_num_threads(threads)
-    d, f, q, kv, vocab, layers = 576, 1536, 576, 192, 49152, 30
-    shapes = [(q + 2 * kv, d), (d, q), (2 * f, d), (d, f)]
-    g = torch.Generator().manual_seed(0)
-    # distinct weights per layer, as in the model: reusing one layer's would keep them hot in cache
-    ws = [torch.randn(o, i, generator=g).to(torch.bfloat16) for _ in range(layers) for o, i in shapes]
-    head = torch.randn(vocab, d, generator=g).to(torch.bfloat16)
+    def __init__(self, threads: int) -> None:
+        import torch
 
-    def quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = w.float().abs().amax(1) / 127
-        return torch.round(w.float() / s[:, None]).to(torch.int8), s.to(torch.bfloat16)
+        from tokenfab.engine.cpu_memory import keep_freed_memory
+        from tokenfab.engine.model import INT4_GROUP, _as_int4_groups
 
-    wq = [quant(w) for w in ws]
-    headq = quant(head)
+        keep_freed_memory()
+        torch.set_num_threads(threads)
+        self.torch, self.group = torch, INT4_GROUP
+        d, f, q, kv, vocab, layers = 576, 1536, 576, 192, 49152, 30
+        shapes = [(q + 2 * kv, d), (d, q), (2 * f, d), (d, f)]
+        g = torch.Generator().manual_seed(0)
+        # distinct weights per layer, as in the model: reusing one layer's would keep them hot in cache
+        self.ws = [torch.randn(o, i, generator=g).to(torch.bfloat16) for _ in range(layers) for o, i in shapes]
+        self.head = torch.randn(vocab, d, generator=g).to(torch.bfloat16)
+        self.d = d
 
-    def step(m: int, int8: bool) -> float:
-        xs = {i: torch.randn(m, i).to(torch.bfloat16) for i in {w.shape[1] for w in ws}}
-        xh = torch.randn(m, d).to(torch.bfloat16)
-        times = []
-        for it in range(25):
-            t0 = time.perf_counter()
-            for w, (w8, s) in zip(ws, wq):
-                x = xs[w.shape[1]]
-                if int8:
-                    torch._weight_int8pack_mm(x, w8, s)
-                else:
-                    torch.nn.functional.linear(x, w)
-            if int8:
-                torch._weight_int8pack_mm(xh, *headq)
+        def quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            s = w.float().abs().amax(1) / 127
+            return torch.round(w.float() / s[:, None]).to(torch.int8), s.to(torch.bfloat16)
+
+        def quant4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # put the random weights on a Q4_1-style grid (min and max of each block of 32 as end levels)
+            n, k = w.shape
+            grp = w.float().view(n, k // INT4_GROUP, INT4_GROUP)
+            lo, hi = grp.amin(-1, keepdim=True), grp.amax(-1, keepdim=True)
+            on_grid = (torch.round((grp - lo) / (hi - lo) * 15) * (hi - lo) / 15 + lo).view(n, k)
+            q, sz = _as_int4_groups(on_grid.to(torch.bfloat16))
+            return torch._convert_weight_to_int4pack_for_cpu(q, 1), sz
+
+        self.wq = [quant(w) for w in self.ws]
+        self.w4 = [quant4(w) for w in self.ws]
+        self.headq = quant(self.head)
+        self._x: dict[int, tuple[dict, object]] = {}
+
+    def step(self, m: int, kernel: str) -> float:
+        """Seconds for one step of `m` tokens: bf16 dense, or weight-only int8 / int4 layers (int8 LM head)."""
+        torch = self.torch
+        if m not in self._x:
+            self._x[m] = ({i: torch.randn(m, i).to(torch.bfloat16) for i in {w.shape[1] for w in self.ws}},
+                          torch.randn(m, self.d).to(torch.bfloat16))
+        xs, xh = self._x[m]
+        t0 = time.perf_counter()
+        for w, (w8, s), (p4, sz) in zip(self.ws, self.wq, self.w4):
+            x = xs[w.shape[1]]
+            if kernel == "int8":
+                torch._weight_int8pack_mm(x, w8, s)
+            elif kernel == "int4":
+                torch._weight_int4pack_mm_for_cpu(x, p4, self.group, sz)
             else:
-                torch.nn.functional.linear(xh, head)
-            if it >= 5:
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+                torch.nn.functional.linear(x, w)
+        if kernel == "bf16":
+            torch.nn.functional.linear(xh, self.head)
+        else:  # the tied embedding is Q8_0 in the GGUF: the engine runs the LM head as int8
+            torch._weight_int8pack_mm(xh, *self.headq)
+        return time.perf_counter() - t0
 
+    def median(self, m: int, kernel: str, reps: int = 20) -> float:
+        for _ in range(5):
+            self.step(m, kernel)
+        return statistics.median(self.step(m, kernel) for _ in range(reps))
+
+
+def matmul_bound(bound: MatmulBound) -> dict[str, float]:
     out = {}
     for m in DECODE_CONCURRENCY:
-        s = step(m, False)
+        s = bound.median(m, "bf16")
         out[f"bf16_step_ms_{m}"] = s * 1000
         out[f"bf16_tok_s_{m}"] = m / s
-    s = step(1, True)
-    out["int8_step_ms_1"] = s * 1000
-    out["int8_tok_s_1"] = 1 / s
+    for kernel in ("int8", "int4"):
+        s = bound.median(1, kernel)
+        out[f"{kernel}_step_ms_1"] = s * 1000
+        out[f"{kernel}_tok_s_1"] = 1 / s
     return out
 
 
-def engine_in_process(threads: int) -> dict[str, float]:
-    """Decode tok/s of the engine alone (no HTTP, no load generator sharing the cores)."""
+def engine_in_process(threads: int, bound: MatmulBound) -> dict[str, float]:
+    """The engine alone (no HTTP, no load generator sharing the cores), with the bound interleaved.
+
+    End to end: output tokens / wall time of `generate`-style runs. Steady state: engine decode steps
+    while every stream is decoding; after each such step one matmul-only step of the same size runs,
+    so the fraction engine / bound compares steps taken moments apart (this machine's speed drifts
+    by +-20% within minutes).
+    """
     from tokenfab.engine import EngineConfig, SamplingParams
     from tokenfab.engine.llm_engine import LLMEngine
 
@@ -123,9 +165,33 @@ def engine_in_process(threads: int) -> dict[str, float]:
     eng.generate([prompt] * 4, sp)
     out = {}
     for n in DECODE_CONCURRENCY:
+        kernels = ("bf16", "int4") if n == 1 else ("bf16",)
         t0 = time.perf_counter()
-        eng.generate([prompt + [1000 + i] for i in range(n)], sp)
-        out[f"output_tok_s_{n}"] = n * OUTPUT_TOKENS / (time.perf_counter() - t0)
+        rids = {eng.add_request(prompt + [1000 + i], sp) for i in range(n)}
+        started: set[str] = set()
+        steps: list[float] = []
+        bsteps: dict[str, list[float]] = {k: [] for k in kernels}
+        e2e_pause = 0.0  # time spent in interleaved bound steps, taken out of the end-to-end figure
+        while eng.has_work():
+            ts = time.perf_counter()
+            outs = eng.step()
+            dt = time.perf_counter() - ts
+            steady = started == rids and not any(o.finished for o in outs)
+            started.update(o.request_id for o in outs)
+            if steady and len(outs) == n:
+                steps.append(dt)
+                tb = time.perf_counter()
+                for k in kernels:
+                    bsteps[k].append(bound.step(n, k))
+                e2e_pause += time.perf_counter() - tb
+        out[f"output_tok_s_{n}"] = n * OUTPUT_TOKENS / (time.perf_counter() - t0 - e2e_pause)
+        step = statistics.median(steps)
+        out[f"decode_tok_s_{n}"] = n / step
+        out[f"step_ms_{n}"] = step * 1000
+        for k in kernels:
+            b = statistics.median(bsteps[k])
+            out[f"bound_{k}_step_ms_{n}"] = b * 1000
+            out[f"fraction_of_{k}_bound_{n}"] = b / step
     return out
 
 
@@ -137,6 +203,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt, ma
     first = None
     chunks = 0
     usage = None
+    times: list[float] = []
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -148,12 +215,13 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt, ma
                 usage = json.loads(line[6:]).get("usage") or usage
             if '"text":""' not in line and '"text": ""' not in line and '"text"' in line:
                 chunks += 1
+                times.append(time.perf_counter())
                 if first is None:
-                    first = time.perf_counter()
+                    first = times[-1]
     end = time.perf_counter()
     n = usage["completion_tokens"] if usage else chunks
     return {"start": t0, "ttft_s": (first or end) - t0, "e2e_s": end - t0, "end": end, "output_tokens": n,
-            "prompt_tokens": usage["prompt_tokens"] if usage else None}
+            "prompt_tokens": usage["prompt_tokens"] if usage else None, "chunk_times": times}
 
 
 async def decode_load(url: str, model: str, n: int, rng: random.Random) -> dict:
@@ -165,7 +233,12 @@ async def decode_load(url: str, model: str, n: int, rng: random.Random) -> dict:
     wall = max(r["end"] for r in res) - min(r["start"] for r in res)
     total = sum(r["output_tokens"] for r in res)
     tpots = [(r["e2e_s"] - r["ttft_s"]) / (r["output_tokens"] - 1) for r in res if r["output_tokens"] > 1]
+    # steady state: from the moment the last stream got its first chunk to the moment the first one ended
+    t_a = max(r["chunk_times"][0] for r in res)
+    t_b = min(r["chunk_times"][-1] for r in res)
+    in_window = sum(1 for r in res for t in r["chunk_times"] if t_a < t <= t_b)
     return {"output_tok_s": total / wall, "tok_s_per_user": 1 / statistics.median(tpots), "output_tokens": total,
+            "decode_tok_s": in_window / (t_b - t_a) if t_b > t_a else float("nan"),
             "ttft_p50_s": statistics.median(r["ttft_s"] for r in res), "client_cpu_s": client_cpu, "wall_s": wall}
 
 
@@ -243,9 +316,11 @@ def main() -> int:
         return 2
     rng = random.Random(0)
     print("measuring the matmul-only bound ...", flush=True)
-    bound = matmul_bound(args.threads)
-    print("measuring the engine in-process ...", flush=True)
-    in_proc = engine_in_process(args.threads)
+    mb = MatmulBound(args.threads)
+    bound = matmul_bound(mb)
+    print("measuring the engine in-process, the bound interleaved ...", flush=True)
+    in_proc = engine_in_process(args.threads, mb)
+    del mb
     servers: dict[str, list[str]] = {}
     port = free_port()
     servers["tokenfab"] = [sys.executable, "-m", "tokenfab.cli", "serve", "--port", str(port), "--threads",
@@ -271,8 +346,9 @@ def main() -> int:
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
         "torch": torch.__version__, "threads": args.threads, "reps": args.reps,
         "command": "python " + " ".join(sys.argv),
-        "precision": {"tokenfab": "bf16 activations; int8 weight-only matmuls for steps of <= 8 tokens, bf16 above; "
-                                  "weights dequantised from the GGUF's Q4_1",
+        "precision": {"tokenfab": "bf16 activations; for steps of <= 12 tokens weight-only matmuls on the GGUF's own "
+                                  "4-bit weights (int4, Q4_1 groups of 32, not re-rounded) and an int8 LM head "
+                                  "(the Q8_0 embedding rounded per channel); bf16 matmuls on the same weights above",
                       "llama-server": "Q4_1 weights as stored in the GGUF (ggml CPU kernels)"},
     }
     report = {"meta": meta, "matmul_bound": bound, "engine_in_process": in_proc, "results": res}
@@ -291,21 +367,35 @@ def main() -> int:
     for n in DECODE_CONCURRENCY:
         lines.append(row(f"output tok/s, {n} streams", t[f"decode_{n}"]["output_tok_s"],
                          l and l[f"decode_{n}"]["output_tok_s"]))
+        lines.append(row(f"steady decode tok/s, {n} streams", t[f"decode_{n}"]["decode_tok_s"],
+                         l and l[f"decode_{n}"]["decode_tok_s"]))
         lines.append(row(f"tok/s per user, {n} streams", t[f"decode_{n}"]["tok_s_per_user"],
                          l and l[f"decode_{n}"]["tok_s_per_user"]))
     for n in TTFT_PROMPTS:
         lines.append(row(f"TTFT {n}-token prompt (s)", t[f"ttft_{n}_s"], l and l[f"ttft_{n}_s"], "{:.3f}", False))
     lines.append(row("peak RSS (MB)", t["peak_rss_mb"], l and l["peak_rss_mb"], "{:.0f}", False))
     lines.append("")
-    lines.append("| streams | matmul-only bound (bf16) tok/s | engine in-process tok/s | fraction | "
-                 "server over HTTP tok/s | fraction |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append("In process, steady decode, each engine step followed by a matmul-only step of the same size:")
+    lines.append("| streams | engine step | matmul-only step (bf16) | fraction of the bf16 bound | engine tok/s steady / "
+                 "end to end |")
+    lines.append("|---|---|---|---|---|")
+    for n in DECODE_CONCURRENCY:
+        lines.append(f"| {n} | {in_proc[f'step_ms_{n}']:.1f} ms | {in_proc[f'bound_bf16_step_ms_{n}']:.1f} ms | "
+                     f"{in_proc[f'fraction_of_bf16_bound_{n}']:.2f} | {in_proc[f'decode_tok_s_{n}']:.0f} / "
+                     f"{in_proc[f'output_tok_s_{n}']:.0f} |")
+    lines.append(f"At 1 stream the int4 weight-only matmuls alone take {in_proc['bound_int4_step_ms_1']:.1f} ms "
+                 f"(the engine step is {in_proc['fraction_of_int4_bound_1']:.2f} of that bound).")
+    lines.append("")
+    lines.append("Over HTTP (the bound measured separately, before the servers ran):")
+    lines.append("| streams | matmul-only bound (bf16) tok/s | server steady decode tok/s | fraction | end to end tok/s |")
+    lines.append("|---|---|---|---|---|")
     for n in DECODE_CONCURRENCY:
         b = bound[f"bf16_tok_s_{n}"]
-        e, h = in_proc[f"output_tok_s_{n}"], t[f"decode_{n}"]["output_tok_s"]
-        lines.append(f"| {n} | {b:.0f} | {e:.0f} | {e / b:.2f} | {h:.0f} | {h / b:.2f} |")
-    lines.append(f"int8 weight-only matmul-only bound at 1 stream: {bound['int8_tok_s_1']:.0f} tok/s "
-                 f"({bound['int8_step_ms_1']:.1f} ms/step)")
+        hs, h = t[f"decode_{n}"]["decode_tok_s"], t[f"decode_{n}"]["output_tok_s"]
+        lines.append(f"| {n} | {b:.0f} | {hs:.0f} | {hs / b:.2f} | {h:.0f} |")
+    for k in ("int4", "int8"):
+        lines.append(f"{k} weight-only matmul-only bound at 1 stream ({k} layers, int8 LM head): "
+                     f"{bound[f'{k}_tok_s_1']:.0f} tok/s ({bound[f'{k}_step_ms_1']:.1f} ms/step)")
     print("\n".join(lines))
     print(f"\nwrote {out}")
     return 0

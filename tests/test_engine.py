@@ -40,7 +40,7 @@ def _reference_logits(model, ids: list[int]) -> torch.Tensor:
     x = model.embed[torch.tensor(ids)]
     cos, sin = model._rope(torch.arange(len(ids)))
     for attn_norm, qkv_p, o_p, ffn_norm, gu_p, down_p in model.layers:
-        h = F.rms_norm(x, (x.shape[-1],), attn_norm, a.rms_eps)
+        h = F.rms_norm(x, (x.shape[-1],), attn_norm[: x.shape[-1]], a.rms_eps)  # the model keeps each norm weight twice
         qkv = h @ qkv_p.weight.T
         q, k, v = qkv.split([model.q_size, model.kv_size, model.kv_size], dim=-1)
         q = model._apply_rope(q.view(len(ids), a.num_heads, a.head_dim), cos, sin).transpose(0, 1)
@@ -52,11 +52,11 @@ def _reference_logits(model, ids: list[int]) -> torch.Tensor:
         att = att.masked_fill(torch.triu(torch.ones(len(ids), len(ids), dtype=torch.bool), 1), float("-inf"))
         o = (att.softmax(-1) @ v).transpose(0, 1).reshape(len(ids), -1)
         x = x + o @ o_p.weight.T
-        h = F.rms_norm(x, (x.shape[-1],), ffn_norm, a.rms_eps)
+        h = F.rms_norm(x, (x.shape[-1],), ffn_norm[: x.shape[-1]], a.rms_eps)
         gu = h @ gu_p.weight.T
         f = gu.shape[-1] // 2
         x = x + (F.silu(gu[:, :f]) * gu[:, f:]) @ down_p.weight.T
-    x = F.rms_norm(x, (x.shape[-1],), model.norm, a.rms_eps)
+    x = F.rms_norm(x, (x.shape[-1],), model.norm[: x.shape[-1]], a.rms_eps)
     return x @ model.lm_head.weight.T
 
 

@@ -60,15 +60,21 @@ class ModelRunner:
                 used = -(-L // bs)
                 tables[i, :used] = seq.block_table[:used]
                 lens[i] = L
-            # rows of the cache viewed as [2 KV heads x blocks, block size x head dim]
-            heads = self.model.args.num_kv_heads * 2
-            rows = np.arange(heads, dtype=np.int64)[:, None, None] * self.num_blocks + tables[None]
+            # rows of the cache viewed as [2 KV heads x blocks, block size x head dim], ordered
+            # (K or V, sequence, kv head, block); the cache's heads are K heads then V heads
+            kvh = self.model.args.num_kv_heads
+            part = np.arange(2, dtype=np.int64)[:, None, None, None] * kvh
+            head = np.arange(kvh, dtype=np.int64)[None, None, :, None]
+            rows = (part + head) * self.num_blocks + tables[None, :, None, :]
             lmax = nb * bs
-            bias = np.where(np.arange(lmax)[None, :] < lens[:, None], 0.0, -np.inf).astype(np.float32)
+            bias = None
+            if (lens != lmax).any():
+                pad = np.where(np.arange(lmax)[None, :] < lens[:, None], 0.0, -np.inf).astype(np.float32)
+                bias = torch.from_numpy(pad).to(device=dev, dtype=self.model.dtype).view(len(dec), 1, 1, lmax)
             group = AttnGroup(
                 torch.tensor([r for r, _, _ in dec], device=dev),
                 torch.from_numpy(rows.ravel()).to(dev),
-                torch.from_numpy(bias).to(dev).view(1, len(dec), 1, lmax),
+                bias,
                 lmax,
                 prefills,
                 bs,
