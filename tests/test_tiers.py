@@ -226,6 +226,29 @@ def test_slower_tier_is_paced_to_its_speed_when_the_budget_is_short(real_model):
     assert slow in scheduled_ids()
 
 
+def test_a_lone_prefill_gets_the_whole_token_budget(real_model):
+    """With nothing decoding, a long prompt of the lowest tier runs in chunks of the full token budget:
+    a chunk given its guaranteed share in the first pass grows in the later passes, and no tier's pace
+    caps a step that holds no decodes (a 2,048-token prompt used to take 21 steps of 102 tokens)."""
+    policy = (TierClass("gold", 0.2, 1.0, 20.0), TierClass("free", 0.1, 1.0, 2.0))
+    eng = make_engine(real_model, max_num_batched_tokens=256, max_num_seqs=8)
+    eng.set_policy(policy)
+    eng.scheduler.step_model = FixedStepModel(a_s=0.01, b_dec_s=0.002, b_pre_s=0.001)
+    eng.add_request(list(range(1000, 1600)), SamplingParams(max_tokens=1), priority=1)
+    sizes = []
+    orig = eng.scheduler.schedule
+
+    def spy():
+        out = orig()
+        sizes.append(sum(n for _, n in out))
+        return out
+
+    eng.scheduler.schedule = spy
+    while eng.has_work():
+        eng.step()
+    assert sizes[:3] == [256, 256, 88]
+
+
 def test_higher_tier_preempts_lower_when_slots_run_out(real_model):
     eng = make_engine(real_model, max_num_seqs=2)
     eng.set_policy(POLICY)

@@ -94,11 +94,16 @@ class Scheduler:
         return min(max(seq.priority, 0), n - 1)
 
     def time_budget_s(self) -> float:
-        """Seconds of work a step may hold so the fastest tier with work keeps its tok/s per user."""
+        """Seconds of work a step may hold so the fastest tier that is decoding keeps its tok/s per user.
+
+        Only decoding streams bound the step: a step of prefill alone slows nobody down, and cutting a
+        lone long prompt into step-sized chunks would only add per-step cost to its TTFT.
+        """
         self.target_step_s = float("inf")
-        if self.policy and (self.running or self.waiting):
+        decoding = [s for s in self.running if s.num_computed >= s.prompt_len]
+        if self.policy and decoding:
             n = len(self.policy)
-            fastest = min(self._rank(s, n) for s in (*self.running, *self.waiting))
+            fastest = min(self._rank(s, n) for s in decoding)
             # aim 15% faster than the SLO: tokens also wait outside the step (sampling, streaming)
             speed = self.policy[fastest].min_tok_s_user / SPEED_HEADROOM
             if speed > 0:
@@ -175,7 +180,8 @@ class Scheduler:
                 cost = n * m.b_pre_s
             if n > left_tok:
                 return 0
-            out[seq.seq_id] = (seq, n)
+            have = out[seq.seq_id][1] if seq.seq_id in out else 0
+            out[seq.seq_id] = (seq, have + n)
             used[rank] += cost
             left_s -= cost
             left_tok -= n
@@ -185,12 +191,16 @@ class Scheduler:
             for seq in by_rank[rank]:  # decodes, then unfinished prefills
                 if left_s <= 0 or left_tok <= 0 or used[rank] >= cap_s:
                     return
-                if seq.seq_id in out or seq.status is not Status.RUNNING:
+                if seq.status is not Status.RUNNING:
                     continue
-                remaining = len(seq) - seq.num_computed
-                if paced and remaining == 1 and ahead(rank, seq):
+                # a prefill chunk scheduled in an earlier pass may grow into this pass's budget
+                have = out[seq.seq_id][1] if seq.seq_id in out else 0
+                remaining = len(seq) - seq.num_computed - have
+                if remaining <= 0:
                     continue
-                if remaining == 1 and not self._grow(seq):
+                if not have and paced and remaining == 1 and ahead(rank, seq):
+                    continue
+                if not have and remaining == 1 and not self._grow(seq):
                     preempted.add(seq.seq_id)
                     continue
                 if not take(rank, seq, remaining, cap_s):
