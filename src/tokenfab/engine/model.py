@@ -21,6 +21,7 @@ from tokenfab.engine.config import ModelArgs
 
 INT4_GROUP = 32
 PREFILL_BLOCK = 256  # query rows per block in prefill attention
+SMALL_DECODE_KEYS = 1024  # decode steps with at most this many keys (sequences x context) attend in fp32
 
 
 def _as_int4_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -242,12 +243,16 @@ class LlamaModel:
         # (sequence, head) contiguous, so the output needs no transpose
         kv = cache.view(cache.shape[0] * (cache.shape[1] // bs), bs * hd).index_select(0, g.dec_blocks)
         kv = kv.view(2, bd * kvh, lmax, hd)
+        small = bd * lmax <= SMALL_DECODE_KEYS
+        if small:  # tiny batched matmuls: fp32 ones cost a quarter of bf16 ones here, conversion included
+            kv = kv.float()
         qq = (q.view(bd, kvh, rep, hd) * hd**-0.5).view(bd * kvh, rep, hd)  # one copy, scaled
-        scores = torch.bmm(qq, kv[0].transpose(1, 2))
+        scores = torch.bmm(qq.float() if small else qq, kv[0].transpose(1, 2))
         if g.dec_bias is not None:
             scores.view(bd, kvh, rep, lmax).add_(g.dec_bias)
         probs = scores.softmax(-1)
-        return torch.bmm(probs, kv[1]).view(bd, kvh * rep, hd)
+        out = torch.bmm(probs, kv[1]).view(bd, kvh * rep, hd)
+        return out.to(q.dtype) if small else out
 
     def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
         """Causal attention of a chunk of `n` queries (positions past..past+n-1) over keys 0..past+n-1.
