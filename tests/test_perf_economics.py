@@ -34,6 +34,20 @@ def test_decode_step_of_a_dense_model_is_bytes_over_bandwidth():
     assert decode_step_s(s, 1, 512, IDEAL) == pytest.approx(max(flops / 989e12, (weights + 512 * kv) / 3.35e12))
 
 
+def test_speculative_decoding_emits_accepted_tokens_per_step():
+    """One MTP draft at 85% acceptance: 1.85 tokens per step; a memory-bound step costs the same,
+    a compute-bound one computes twice the tokens."""
+    m, h = CAT.model("Llama-3.1-8B"), CAT.hw("H100")
+    plain = Scenario(m, h, "bf16", isl=1024, osl=1024, mode="disaggregated")
+    mtp = Scenario(m, h, "bf16", isl=1024, osl=1024, mode="disaggregated", spec_tokens=1, spec_acceptance=0.85)
+    assert mtp.tokens_per_step == pytest.approx(1.85)
+    assert decode_step_s(mtp, 1, 1, IDEAL) == pytest.approx(decode_step_s(plain, 1, 1, IDEAL))
+    assert point(mtp, 1, 1, IDEAL).tok_s_user == pytest.approx(1.85 * point(plain, 1, 1, IDEAL).tok_s_user)
+    flops_2x = 2 * 8.03e9 * 1024 + 4 * 1024 * 1536 * 32 * 32 * 128
+    assert decode_step_s(mtp, 1, 512, IDEAL) == pytest.approx(max(flops_2x / 989e12, (8.03e9 * 2 + 512 * (
+        1536 * 32 * 2048 * 2)) / 3.35e12))
+
+
 def test_moe_reads_only_touched_experts():
     s = Scenario(CAT.model("DeepSeek-R1"), CAT.hw("GB300"), "fp4", 1024, 1024)
     one = decode_step_s(s, 8, 1, IDEAL)

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--mode", default="aggregated", choices=["aggregated", "disaggregated", "sram-decode"])
     cv.add_argument("--prefill-hardware", default=None, help="the GPU pool for sram-decode / disaggregated prefill")
     cv.add_argument("--parallelism", default=None, help="comma-separated devices per replica (default: all that fit)")
+    cv.add_argument("--spec-tokens", type=int, default=0,
+                    help="speculative decoding (MTP): draft tokens verified per decode step (default 0: none)")
+    cv.add_argument("--spec-acceptance", type=float, default=0.85,
+                    help="chance each draft token is accepted (default 0.85, DeepSeek-V3's MTP)")
     cv.add_argument("--catalog", action="append", default=[], help="extra YAML with hardware:/models: entries")
     cv.add_argument("--out", default=None, help="write the Curve JSON and a PNG chart here (path without suffix)")
     pl = sub.add_parser("plan", help="plan a factory: power split across tiers and hardware, revenue, cost")
@@ -372,7 +376,10 @@ def cmd_curve(ns: argparse.Namespace) -> int:
         prec = ns.precision or ("fp4" if "fp4" in hw.tflops else "fp8")
         pre = cat.hw(ns.prefill_hardware) if ns.prefill_hardware else None
         par = [int(x) for x in ns.parallelism.split(",")] if ns.parallelism else None
-        curve = sweep(Scenario(model, hw, prec, ns.isl, ns.osl, mode=ns.mode, prefill_hardware=pre), parallelisms=par)
+        if ns.spec_tokens < 0 or not 0.0 <= ns.spec_acceptance <= 1.0:
+            raise ValueError("--spec-tokens must be >= 0 and --spec-acceptance within [0, 1]")
+        curve = sweep(Scenario(model, hw, prec, ns.isl, ns.osl, mode=ns.mode, prefill_hardware=pre,
+                               spec_tokens=ns.spec_tokens, spec_acceptance=ns.spec_acceptance), parallelisms=par)
     except (CatalogError, ValueError, KeyError) as exc:
         raise UsageError(f"tokenfab curve: {str(exc).splitlines()[0]}") from None
     front = curve.frontier()

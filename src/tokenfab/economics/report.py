@@ -67,7 +67,8 @@ def options(spec: FactorySpec, cat: Catalog, eff: Efficiency) -> list[HardwareOp
         hw = cat.hw(h["name"])
         prefill = cat.hw(h["prefill_hardware"]) if h.get("prefill_hardware") else None
         prec = h.get("precision", "fp4" if "fp4" in hw.tflops else "fp8")
-        s = Scenario(model, hw, prec, spec.isl, spec.osl, mode=h.get("mode", "aggregated"), prefill_hardware=prefill)
+        s = Scenario(model, hw, prec, spec.isl, spec.osl, mode=h.get("mode", "aggregated"), prefill_hardware=prefill,
+                     spec_tokens=int(h.get("spec_tokens", 0)), spec_acceptance=float(h.get("spec_acceptance", 0.85)))
         curve = sweep(s, eff)
         kw = curve.points[0].extra.get("kw_per_device", hw.kw_all_in)
         label = h.get("label") or (f"{hw.name}+{prefill.name}" if prefill and s.mode == "sram-decode" else hw.name)

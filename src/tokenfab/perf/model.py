@@ -8,7 +8,10 @@ Decode step (one replica of `n` devices, batch `b`, mean context L):
     t_comm       = tensor-parallel all-reduces over the scale-up link (n > 1) + per-layer latency
     t_step       = max(t_mem, t_compute) + t_comm + step_overhead_s
 Prefill per request: 2 x active params x ISL + causal attention FLOPs at eff_prefill.
-Aggregated serving interleaves prefill into decode: effective step = t_step + (b / OSL) x t_prefill.
+Speculative decoding (MTP / draft tokens): each step verifies k draft tokens per sequence (compute for
+1 + k tokens, weights and KV read once) and emits on average E = 1 + a + ... + a^k tokens, a the
+acceptance rate; tok/s per user = E / step.
+Aggregated serving interleaves prefill into decode: effective step = t_step + (b E / OSL) x t_prefill.
 Disaggregated: decode runs pure steps; a prefill pool sized to keep up adds devices; TTFT adds the
 KV transfer. SRAM decode (LPU-style): weights spread over enough chips' SRAM, decode bounded by
 SRAM bandwidth, compute and a per-layer chip-to-chip hop; a GPU pool does prefill and attention.
@@ -46,6 +49,13 @@ class Scenario:
     kv_precision: str | None = None  # default: fp8 if the weights are <= 8 bit, else bf16
     mode: str = "aggregated"  # aggregated | disaggregated | sram-decode
     prefill_hardware: Hardware | None = None  # sram-decode / disaggregated: the GPU pool (default: same)
+    spec_tokens: int = 0  # draft tokens verified per decode step (MTP); 0 = no speculative decoding
+    spec_acceptance: float = 0.85  # chance each draft token is accepted (DeepSeek-V3 report: 85-90% for MTP)
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Expected tokens a sequence emits per decode step: 1 + a + a^2 + ... + a^k."""
+        return sum(self.spec_acceptance**i for i in range(self.spec_tokens + 1))
 
     @property
     def bpp(self) -> float:
@@ -97,13 +107,14 @@ def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | N
     h = hw or s.hardware
     m = s.model
     ctx = s.isl + s.osl / 2
-    bytes_ = step_weight_bytes(m, s.bpp, b) + b * ctx * m.kv_bytes_per_token(s.kv_bpp)
+    tok = b * (1 + s.spec_tokens)  # tokens computed this step (drafts are verified alongside)
+    bytes_ = step_weight_bytes(m, s.bpp, tok) + b * ctx * m.kv_bytes_per_token(s.kv_bpp)
     t_mem = bytes_ / (n * h.mem_bw_tb_s * 1e12 * eff.eff_mem)
-    flops = 2.0 * m.active_params_b * 1e9 * b + attention_flops(m, b, ctx)
+    flops = 2.0 * m.active_params_b * 1e9 * tok + attention_flops(m, tok, ctx)
     t_comp = flops / (n * h.peak_tflops(s.precision) * 1e12 * eff.eff_compute)
     t_comm = 0.0
     if n > 1:
-        ar_bytes = 2 * m.layers * b * m.hidden * 2 * 2 * (n - 1) / n  # two all-reduces per layer, bf16
+        ar_bytes = 2 * m.layers * tok * m.hidden * 2 * 2 * (n - 1) / n  # two all-reduces per layer, bf16
         t_comm = ar_bytes / (h.scaleup_bw_gb_s * 1e9 * eff.eff_comm) + 2 * m.layers * eff.layer_latency_s
     return max(t_mem, t_comp) + t_comm + eff.step_overhead_s
 
@@ -127,8 +138,9 @@ def point(s: Scenario, n: int, b: int, eff: Efficiency = Efficiency()) -> Operat
     t_step = decode_step_s(s, n, b, eff)
     t_pre = prefill_s(s, n, eff)
     kw = h.kw_all_in
+    e = s.tokens_per_step
     if s.mode == "aggregated":
-        step = t_step + (b / s.osl) * t_pre
+        step = t_step + (b * e / s.osl) * t_pre
         devices = n
         ttft = t_pre + t_step
     elif s.mode == "disaggregated":
@@ -136,7 +148,7 @@ def point(s: Scenario, n: int, b: int, eff: Efficiency = Efficiency()) -> Operat
         np_ = min_devices(replace(s, hardware=ph), 1, eff)
         t_pre = prefill_s(s, np_, eff, ph)
         step = t_step
-        req_rate = b / (s.osl * t_step)  # requests/s one decode replica finishes
+        req_rate = b * e / (s.osl * t_step)  # requests/s one decode replica finishes
         prefill_devices = np_ * req_rate * t_pre  # devices busy prefilling to keep up
         devices = n + prefill_devices
         kv_bytes = s.isl * m.kv_bytes_per_token(s.kv_bpp)
@@ -144,8 +156,8 @@ def point(s: Scenario, n: int, b: int, eff: Efficiency = Efficiency()) -> Operat
         kw = (n * h.kw_all_in + prefill_devices * ph.kw_all_in) / devices
     else:
         raise CatalogError(f"mode {s.mode!r}: aggregated, disaggregated or sram-decode")
-    tok_s_user = 1.0 / step
-    tok_s_device = b / step / devices
+    tok_s_user = e / step
+    tok_s_device = b * e / step / devices
     return OperatingPoint(
         concurrency=b, tok_s_user=tok_s_user, tok_s_device=tok_s_device, ttft_ms=ttft * 1000,
         watts=kw * 1000, j_per_token=kw * 1000 / tok_s_device,
@@ -169,23 +181,24 @@ def _sram_point(s: Scenario, n_gpu: int, b: int, eff: Efficiency) -> OperatingPo
         raise CatalogError("sram-decode needs a GPU pool for prefill and attention (prefill_hardware)")
     chips = math.ceil(weight_bytes(m, s.bpp) / (lpu.memory_gb * 1e9 * eff.mem_headroom))
     ctx = s.isl + s.osl / 2
-    t_w = step_weight_bytes(m, s.bpp, b) / (chips * lpu.mem_bw_tb_s * 1e12 * eff.eff_mem)
-    t_c = 2.0 * m.active_params_b * 1e9 * b / (chips * lpu.peak_tflops(s.precision) * 1e12 * eff.eff_compute)
+    tok, e = b * (1 + s.spec_tokens), s.tokens_per_step
+    t_w = step_weight_bytes(m, s.bpp, tok) / (chips * lpu.mem_bw_tb_s * 1e12 * eff.eff_mem)
+    t_c = 2.0 * m.active_params_b * 1e9 * tok / (chips * lpu.peak_tflops(s.precision) * 1e12 * eff.eff_compute)
     t_hops = m.layers * eff.layer_latency_s  # the token crosses chip boundaries layer by layer
     kv_bytes = b * ctx * m.kv_bytes_per_token(s.kv_bpp)
     gs = replace(s, hardware=gpu)
     check_fit(replace(gs, model=replace(m, total_params_b=0.0)), n_gpu, b, eff)  # the GPUs hold only KV
-    t_attn = kv_bytes / (n_gpu * gpu.mem_bw_tb_s * 1e12 * eff.eff_mem) + attention_flops(m, b, ctx) / (
+    t_attn = kv_bytes / (n_gpu * gpu.mem_bw_tb_s * 1e12 * eff.eff_mem) + attention_flops(m, tok, ctx) / (
         n_gpu * gpu.peak_tflops(s.precision) * 1e12 * eff.eff_compute)
     t_step = max(t_w, t_c) + t_attn + t_hops + eff.step_overhead_s
     t_pre = prefill_s(gs, n_gpu, eff)
-    step = t_step + (b / s.osl) * t_pre
+    step = t_step + (b * e / s.osl) * t_pre
     devices = chips + n_gpu
     kw = (chips * lpu.kw_all_in + n_gpu * gpu.kw_all_in) / devices
-    tok_s_device = b / step / devices
+    tok_s_device = b * e / step / devices
     usd_h = (chips * lpu.usd_per_device_hour + n_gpu * gpu.usd_per_device_hour) / devices
     return OperatingPoint(
-        concurrency=b, tok_s_user=1.0 / step, tok_s_device=tok_s_device, ttft_ms=(t_pre + t_step) * 1000,
+        concurrency=b, tok_s_user=e / step, tok_s_device=tok_s_device, ttft_ms=(t_pre + t_step) * 1000,
         watts=kw * 1000, j_per_token=kw * 1000 / tok_s_device,
         extra={"devices_per_replica": devices, "lpu_chips": chips, "gpus": n_gpu, "step_ms": t_step * 1000,
                "kw_per_device": kw, "tok_s_per_mw": tok_s_device * 1000 / kw,
