@@ -29,7 +29,7 @@ def main() -> int:
           "| error | predicted (calibrated) | error | split |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r, a, b in zip(rows, e0, e1):
-        where = "train" if r in train else "held out"
+        where = "train" if r in train else "held out" if r in held else "not scored: no token speed stated"
         print(f"| {r.label} | {r.hardware} | {r.model} | {r.precision} | {r.isl}/{r.osl} | {r.at_tok_s_user or 'max'} "
               f"| {r.metric} ({mode_for(r)}) | {r.value:,.0f} | {r.value * (1 + a):,.0f} | {a:+.0%} | "
               f"{r.value * (1 + b):,.0f} | {b:+.0%} | {where} |")
@@ -38,8 +38,11 @@ def main() -> int:
         return statistics.median(abs(e) for e in es)
 
     held_idx = [i for i, r in enumerate(rows) if r in held]
+    scored = [i for i, r in enumerate(rows) if r.comparable]
     summary = {
-        "median_abs_error_all_default": med(e0), "median_abs_error_all_calibrated": med(e1),
+        "rows_scored": len(scored), "rows_train": len(train), "rows_held_out": len(held),
+        "median_abs_error_all_default": med([e0[i] for i in scored]),
+        "median_abs_error_all_calibrated": med([e1[i] for i in scored]),
         "median_abs_error_heldout_default": med([e0[i] for i in held_idx]),
         "median_abs_error_heldout_calibrated": med([e1[i] for i in held_idx]),
         "fitted": dataclasses.asdict(fitted), "default": dataclasses.asdict(base),

@@ -125,8 +125,10 @@ def markdown(rows: list[dict], s: dict[str, System], eff: Efficiency) -> str:
               "- Efficiencies used: " + ", ".join(f"{k}={v:g}" for k, v in eff.__dict__.items()) + ".",
               "- Aggregated serving (prefill interleaved with decode) for GPUs; the LPX case puts all weights in "
               "SRAM over as many chips as they need, with a per-layer chip hop.",
-              "- No speculative decoding (MTP), no wide expert parallelism across racks: the keynote's largest "
-              "ratios include such software gains, which a hardware roofline does not see.", ""]
+              "- MoE models may run expert-parallel with data-parallel attention inside a scale-up domain (an NVL72 "
+              "rack), whichever layout is faster at each point; no expert parallelism across racks, and no "
+              "speculative decoding (MTP) on either side of a comparison: the keynote's largest ratios include "
+              "such software gains, which a hardware roofline does not see.", ""]
     return "\n".join(lines)
 
 

@@ -1,9 +1,15 @@
 """Calibration: fit the named efficiencies to measured points (anchors.csv rows, a bench summary, or a CSV).
 
-A measured point is (hardware, model, precision, ISL, OSL, metric, value, at tok/s per user). The
-prediction for it is the frontier's tok/s per device at that speed (or the maximum when no speed is
-given, or the fastest speed for a tok_s_user metric). The fit minimises squared log errors with
-scipy's `least_squares` over (eff_mem, eff_compute, eff_prefill, step_overhead_s), within bounds.
+A measured point is (hardware, model, precision, ISL, OSL, metric, value, at tok/s per user), plus how
+it was measured where the source says: which tokens a tok/s/GPU figure counts (InferenceX's
+`tput_per_gpu` counts input and output tokens: output x (1 + ISL/OSL)), the serving mode, and
+speculative decoding (MTP: one draft token per step at the Scenario's default acceptance). The
+prediction is the frontier's tok/s per device at that speed, or the fastest speed for a tok_s_user
+metric, or its maximum for a "max throughput" row. A tok/s/GPU figure with no stated speed is not
+comparable with a point of a curve (the same hardware gives 90 or 5,000 tok/s/GPU depending on the
+speed): such rows are listed, not scored. The fit minimises squared log errors over (eff_mem,
+eff_compute, eff_prefill, step_overhead_s, layer_latency_s) within bounds: scipy's differential
+evolution (seeded), then `least_squares`.
 """
 
 from __future__ import annotations
@@ -20,9 +26,9 @@ import numpy as np
 from tokenfab.perf.catalog import Catalog, CatalogError
 from tokenfab.perf.model import Efficiency, Scenario, sweep
 
-FIT = ("eff_mem", "eff_compute", "eff_prefill", "step_overhead_s")
+FIT = ("eff_mem", "eff_compute", "eff_prefill", "step_overhead_s", "layer_latency_s")
 BOUNDS = {"eff_mem": (0.2, 0.95), "eff_compute": (0.05, 0.9), "eff_prefill": (0.1, 0.9),
-          "step_overhead_s": (1e-4, 0.05)}
+          "step_overhead_s": (1e-4, 0.05), "layer_latency_s": (1e-6, 2e-4)}
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,14 @@ class Measured:
     at_tok_s_user: float | None
     devices: int | None
     source: str
+    tokens_counted: str = "output"  # output | total (input + output)
+    serving: str = ""  # aggregated | disaggregated | "" (not stated)
+    spec_decoding: str = ""  # mtp | none | "" (not stated)
+
+    @property
+    def comparable(self) -> bool:
+        """A speed is stated, or the row is a curve's end: the fastest speed, or maximum throughput."""
+        return self.metric == "tok_s_user" or self.at_tok_s_user is not None or "max throughput" in self.label
 
 
 def load_anchors(path: str | Path | None = None) -> list[Measured]:
@@ -54,22 +68,28 @@ def load_anchors(path: str | Path | None = None) -> list[Measured]:
         model = row["model"].split(" / ")[0]
         out.append(Measured(row["subject"], hw, model, row["precision"] or "fp8",
                             int(row["isl"] or 1024), int(row["osl"] or 1024), row["metric"], float(row["value"]),
-                            float(row["at_tok_s_user"]) if row["at_tok_s_user"] else None, devices, row["source"]))
+                            float(row["at_tok_s_user"]) if row["at_tok_s_user"] else None, devices, row["source"],
+                            row.get("tokens_counted") or "output", row.get("serving") or "",
+                            row.get("spec_decoding") or ""))
     return out
 
 
 def mode_for(m: Measured) -> str:
+    if m.serving:
+        return m.serving
     return "disaggregated" if "disagg" in m.label.lower() else "aggregated"
 
 
 def predict(cat: Catalog, m: Measured, eff: Efficiency) -> float:
-    s = Scenario(cat.model(m.model), cat.hw(m.hardware), m.precision, m.isl, m.osl, mode=mode_for(m))
+    """The model's figure for `m`'s metric (a tok/s/GPU row with no stated speed gets the maximum)."""
+    s = Scenario(cat.model(m.model), cat.hw(m.hardware), m.precision, m.isl, m.osl, mode=mode_for(m),
+                 spec_tokens=1 if m.spec_decoding == "mtp" else 0)
     curve = sweep(s, eff)
     if m.metric == "tok_s_user":
         return max(p.tok_s_user for p in curve.points)
-    if m.at_tok_s_user is None:
-        return max(p.tok_s_device for p in curve.points)
-    return curve.throughput_at(m.at_tok_s_user)
+    out = max(p.tok_s_device for p in curve.points) if m.at_tok_s_user is None else \
+        curve.throughput_at(m.at_tok_s_user)
+    return out * (1 + m.isl / m.osl) if m.tokens_counted == "total" else out
 
 
 def errors(cat: Catalog, points: list[Measured], eff: Efficiency) -> list[float]:
@@ -84,16 +104,28 @@ def errors(cat: Catalog, points: list[Measured], eff: Efficiency) -> list[float]
 
 
 def calibrate(cat: Catalog, points: list[Measured], start: Efficiency = Efficiency()) -> Efficiency:
-    from scipy.optimize import least_squares
+    """Fit FIT to `points`: a global search (differential evolution, seeded) then a local polish.
 
-    x0 = np.array([getattr(start, k) for k in FIT])
+    The objective is the sum of squared log errors. It is piecewise in the parameters (a prediction
+    is read off a frontier of discrete operating points), which traps a local method alone in the
+    first flat step it meets; the global search finds the basin, least squares refines it.
+    """
+    from scipy.optimize import differential_evolution, least_squares
+
+    pts = [m for m in points if m.comparable]
     lo = np.array([BOUNDS[k][0] for k in FIT])
     hi = np.array([BOUNDS[k][1] for k in FIT])
+    logscale = np.array([k.endswith("_s") for k in FIT])  # times span decades: search their logarithm
 
-    def resid(x: np.ndarray) -> np.ndarray:
-        eff = replace(start, **dict(zip(FIT, x)))
+    def to_params(z: np.ndarray) -> np.ndarray:
+        return np.where(logscale, np.exp(z), z)
+
+    zlo, zhi = np.where(logscale, np.log(lo), lo), np.where(logscale, np.log(hi), hi)
+
+    def resid(z: np.ndarray) -> np.ndarray:
+        eff = replace(start, **dict(zip(FIT, to_params(z))))
         r = []
-        for m in points:
+        for m in pts:
             try:
                 p = predict(cat, m, eff)
             except CatalogError:
@@ -101,11 +133,15 @@ def calibrate(cat: Catalog, points: list[Measured], start: Efficiency = Efficien
             r.append(math.log(max(p, 1e-9) / m.value))
         return np.array(r)
 
-    res = least_squares(resid, np.clip(x0, lo, hi), bounds=(lo, hi), diff_step=0.05)
-    return replace(start, **dict(zip(FIT, res.x)))
+    best = differential_evolution(lambda z: float(np.sum(resid(z) ** 2)), list(zip(zlo, zhi)), seed=0,
+                                  maxiter=25, popsize=8, tol=1e-3, polish=False)
+    res = least_squares(resid, best.x, bounds=(zlo, zhi), diff_step=0.02)
+    z = res.x if np.sum(res.fun**2) <= best.fun else best.x
+    return replace(start, **dict(zip(FIT, to_params(z))))
 
 
 def split(points: list[Measured]) -> tuple[list[Measured], list[Measured]]:
-    """Deterministic held-out split: every other row is held out."""
-    return points[0::2], points[1::2]
+    """Deterministic held-out split of the comparable rows: every other one is held out."""
+    rows = [m for m in points if m.comparable]
+    return rows[0::2], rows[1::2]
 

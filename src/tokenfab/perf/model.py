@@ -7,6 +7,9 @@ Decode step (one replica of `n` devices, batch `b`, mean context L):
     t_compute    = (2 x active params x b + attention FLOPs) / (n x peak FLOPS x eff_compute)
     t_comm       = tensor-parallel all-reduces over the scale-up link (n > 1) + per-layer latency
     t_step       = max(t_mem, t_compute) + t_comm + step_overhead_s
+MoE models on n > 1 devices may instead run expert-parallel with data-parallel attention (dense
+weights whole on every device, experts split n ways, an all-to-all dispatch and combine per layer);
+a step takes whichever layout is faster.
 Prefill per request: 2 x active params x ISL + causal attention FLOPs at eff_prefill.
 Speculative decoding (MTP / draft tokens): each step verifies k draft tokens per sequence (compute for
 1 + k tokens, weights and KV read once) and emits on average E = 1 + a + ... + a^k tokens, a the
@@ -104,19 +107,38 @@ def check_fit(s: Scenario, n: int, b: int, eff: Efficiency) -> None:
 
 
 def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | None = None) -> float:
+    """Seconds per decode step of `b` sequences on `n` devices: the faster of the layouts that apply.
+
+    Tensor parallel (any model): weights and KV split n ways, two all-reduces per layer.
+    Expert parallel with data-parallel attention (MoE models, n > 1; how DeepSeek-R1 is served
+    wide): each device keeps the dense weights (attention, shared experts) whole and runs attention
+    for its b / n sequences; the experts are split n ways; each layer does an all-to-all dispatch
+    (fp8, 1 byte an element) and combine (bf16, 2 bytes) of every token's hidden state to its
+    `experts_active` experts, each collective also paying `layer_latency_s`.
+    """
     h = hw or s.hardware
     m = s.model
     ctx = s.isl + s.osl / 2
     tok = b * (1 + s.spec_tokens)  # tokens computed this step (drafts are verified alongside)
-    bytes_ = step_weight_bytes(m, s.bpp, tok) + b * ctx * m.kv_bytes_per_token(s.kv_bpp)
-    t_mem = bytes_ / (n * h.mem_bw_tb_s * 1e12 * eff.eff_mem)
+    bw = h.mem_bw_tb_s * 1e12 * eff.eff_mem
+    link = h.scaleup_bw_gb_s * 1e9 * eff.eff_comm
+    kv_bytes = b * ctx * m.kv_bytes_per_token(s.kv_bpp)
+    t_mem = (step_weight_bytes(m, s.bpp, tok) + kv_bytes) / (n * bw)
     flops = 2.0 * m.active_params_b * 1e9 * tok + attention_flops(m, tok, ctx)
     t_comp = flops / (n * h.peak_tflops(s.precision) * 1e12 * eff.eff_compute)
     t_comm = 0.0
     if n > 1:
         ar_bytes = 2 * m.layers * tok * m.hidden * 2 * 2 * (n - 1) / n  # two all-reduces per layer, bf16
-        t_comm = ar_bytes / (h.scaleup_bw_gb_s * 1e9 * eff.eff_comm) + 2 * m.layers * eff.layer_latency_s
-    return max(t_mem, t_comp) + t_comm + eff.step_overhead_s
+        t_comm = ar_bytes / link + 2 * m.layers * eff.layer_latency_s
+    t_tp = max(t_mem, t_comp) + t_comm
+    if not (m.is_moe and n > 1):
+        return t_tp + eff.step_overhead_s
+    dense_bytes = (m.total_params_b - m.expert_params_b) * 1e9 * s.bpp
+    expert_bytes = step_weight_bytes(m, s.bpp, tok) - dense_bytes
+    t_mem_ep = dense_bytes / bw + (expert_bytes + kv_bytes) / (n * bw)
+    a2a_bytes = tok / n * m.layers * m.experts_active * m.hidden * 3 * (n - 1) / n
+    t_ep = max(t_mem_ep, t_comp) + a2a_bytes / link + 2 * m.layers * eff.layer_latency_s
+    return min(t_tp, t_ep) + eff.step_overhead_s
 
 
 def prefill_s(s: Scenario, n: int, eff: Efficiency, hw: Hardware | None = None) -> float:
