@@ -12,7 +12,7 @@ from tokenfab.curve import Curve, OperatingPoint, Provenance
 from tokenfab.economics.cost import request_cost_usd, usd_per_mtok_from_device_hour
 from tokenfab.economics.planner import HardwareOption, PlanError, TierDemand, plan_factory
 from tokenfab.economics.tiers import SLO, Tier, TierError, TierTable, default_tiers
-from tokenfab.perf.calibrate import calibrate, errors, load_anchors, predict
+from tokenfab.perf.calibrate import calibrate, errors, load_anchors, predict, predictable
 from tokenfab.perf.catalog import Catalog, CatalogError
 from tokenfab.perf.model import DoesNotFit, Efficiency, Scenario, check_fit, decode_step_s, point, sweep
 
@@ -116,7 +116,8 @@ def test_tier_table_validation():
 
 def test_calibration_recovers_known_efficiencies():
     truth = Efficiency(eff_mem=0.55, eff_compute=0.30, eff_prefill=0.4, step_overhead_s=0.004)
-    anchors = [a for a in load_anchors() if a.metric == "tok_s_gpu"]
+    anchors = [a for a in load_anchors() if a.metric == "tok_s_gpu" and a.comparable and predictable(CAT, a)]
+    assert len(anchors) >= 20
     synthetic = [type(a)(**{**a.__dict__, "value": predict(CAT, a, truth)}) for a in anchors]
     fitted = calibrate(CAT, synthetic)
     errs = [abs(e) for e in errors(CAT, synthetic, fitted)]

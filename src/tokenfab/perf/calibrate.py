@@ -92,6 +92,15 @@ def predict(cat: Catalog, m: Measured, eff: Efficiency) -> float:
     return out * (1 + m.isl / m.osl) if m.tokens_counted == "total" else out
 
 
+def predictable(cat: Catalog, m: Measured, eff: Efficiency = Efficiency()) -> bool:
+    """Whether the model can represent `m` at all (e.g. not a model that needs more than one scale-up domain)."""
+    try:
+        predict(cat, m, eff)
+    except CatalogError:
+        return False
+    return True
+
+
 def errors(cat: Catalog, points: list[Measured], eff: Efficiency) -> list[float]:
     """Relative error of each prediction: predicted / measured - 1."""
     out = []
@@ -112,7 +121,7 @@ def calibrate(cat: Catalog, points: list[Measured], start: Efficiency = Efficien
     """
     from scipy.optimize import differential_evolution, least_squares
 
-    pts = [m for m in points if m.comparable]
+    pts = [m for m in points if m.comparable and predictable(cat, m, start)]
     lo = np.array([BOUNDS[k][0] for k in FIT])
     hi = np.array([BOUNDS[k][1] for k in FIT])
     logscale = np.array([k.endswith("_s") for k in FIT])  # times span decades: search their logarithm
@@ -140,8 +149,9 @@ def calibrate(cat: Catalog, points: list[Measured], start: Efficiency = Efficien
     return replace(start, **dict(zip(FIT, to_params(z))))
 
 
-def split(points: list[Measured]) -> tuple[list[Measured], list[Measured]]:
-    """Deterministic held-out split of the comparable rows: every other one is held out."""
-    rows = [m for m in points if m.comparable]
+def split(points: list[Measured], cat: Catalog | None = None) -> tuple[list[Measured], list[Measured]]:
+    """Deterministic held-out split of the scorable rows (comparable, and predictable given `cat`):
+    every other one is held out."""
+    rows = [m for m in points if m.comparable and (cat is None or predictable(cat, m))]
     return rows[0::2], rows[1::2]
 
