@@ -298,21 +298,20 @@ class LlamaModel:
             # Q and K sit side by side in the fused projection: rotate them in one pass, in place,
             # so that K and V stay adjacent and go to the cache in one copy
             self._apply_rope_(qkv[:, : h + kvh], cos, sin)
-            q, k, v = qkv[:, :h], qkv[:, h : h + kvh], qkv[:, h + kvh :]
+            q = qkv[:, :h]
             cache.index_copy_(1, batch.slot_mapping, qkv[:, h:].transpose(0, 1))
             if only_decodes:
                 out = self._decode_attention(q, cache, g)
             else:
                 out = torch.empty(t, h, hd, dtype=x.dtype, device=x.device)
-            if g.dec_rows is not None and not only_decodes:
-                out.index_copy_(0, g.dec_rows, self._decode_attention(q.index_select(0, g.dec_rows), cache, g))
-            for start, n, slots, past in g.prefills:
-                if slots is None:
-                    kp, vp = k[start : start + n].transpose(0, 1), v[start : start + n].transpose(0, 1)
-                else:
-                    kvp = cache.index_select(1, slots)
-                    kp, vp = kvp[:kvh], kvp[kvh:]
-                out[start : start + n] = self._prefill_attention(q[start : start + n], kp, vp, past)
+                if g.dec_rows is not None:
+                    out.index_copy_(0, g.dec_rows, self._decode_attention(q.index_select(0, g.dec_rows), cache, g))
+                for start, n, slots, past in g.prefills:
+                    if slots is None:  # the chunk is the whole context: its own keys and values
+                        kvp = qkv[start : start + n, h:].transpose(0, 1)
+                    else:
+                        kvp = cache.index_select(1, slots)
+                    out[start : start + n] = self._prefill_attention(q[start : start + n], kvp[:kvh], kvp[kvh:], past)
             x = x + o_proj(out.reshape(t, h * hd))
             hs = rms_norm(x, ffn_norm, a.rms_eps)
             gu = gate_up(hs)
