@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tokenfab.engine import cpu_kernels
 from tokenfab.engine.sampling import SamplingParams
 
 from conftest import make_engine
@@ -38,7 +39,7 @@ def _reference_logits(model, ids: list[int]) -> torch.Tensor:
     """Plain contiguous-cache forward (no paging, full causal attention), for every position."""
     a = model.args
     x = model.embed[torch.tensor(ids)]
-    cos, sin = model._rope(torch.arange(len(ids)))
+    cos, sin = model.rope_tables(torch.arange(len(ids)))
     for attn_norm, qkv_p, o_p, ffn_norm, gu_p, down_p in model.layers:
         h = F.rms_norm(x, (x.shape[-1],), attn_norm[: x.shape[-1]], a.rms_eps)  # the model keeps each norm weight twice
         qkv = h @ qkv_p.weight.T
@@ -60,8 +61,12 @@ def _reference_logits(model, ids: list[int]) -> torch.Tensor:
     return x @ model.lm_head.weight.T
 
 
-def test_paged_attention_matches_contiguous_reference(real_model):
+@pytest.mark.parametrize("built_kernel", [True, False], ids=["cpu-kernel", "torch-ops"])
+def test_paged_attention_matches_contiguous_reference(real_model, built_kernel):
     eng = make_engine(real_model, block_size=4, max_num_batched_tokens=7)  # many blocks, chunked prefill
+    if built_kernel and not eng.model.use_cpu_kernels:
+        pytest.skip(f"CPU kernel not in use: {cpu_kernels.describe()}")
+    eng.model.use_cpu_kernels = built_kernel
     prompt = eng.tokenizer.encode(PROMPTS[3])
     rid = eng.add_request(prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     seq = eng.seqs[rid]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenfab.engine import cpu_kernels
 from tokenfab.engine.config import ModelArgs
 
 
@@ -150,6 +151,9 @@ class AttnGroup:
     # (row start, n rows, context slots or None when the chunk is the whole context, tokens before the chunk)
     prefills: list[tuple[int, int, torch.Tensor | None, int]]
     block_size: int = 16
+    # for the built CPU kernel, which reads the cache in place (then dec_blocks and dec_bias are None)
+    dec_tables: torch.Tensor | None = None  # [Bd, blocks] int64 block ids, padded with 0
+    dec_lens: torch.Tensor | None = None  # [Bd] int64 keys per sequence
 
 
 @dataclass
@@ -204,6 +208,10 @@ class LlamaModel:
         self.inv_freq = rope_inv_freq(args).to(device)
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
+        # where the CPU kernels build (cpu_kernels.py): decode attention reads the paged cache in place, and
+        # norm, RoPE + cache write and SiLU x up run as one fused pass each
+        self.use_cpu_kernels = cpu_kernels.supports(dtype, device)
+        self.kernels = cpu_kernels.ops() if self.use_cpu_kernels else None
 
     def allocate_kv(self, num_slots: int) -> list[torch.Tensor]:
         a = self.args
@@ -213,7 +221,14 @@ class LlamaModel:
         return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(a.num_layers)]
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, signed sin), each [T, 1, head dim]: rope(x) = x * cos + roll(x, hd / 2) * signed sin."""
+        """The rotation tables for this step, in the form the path in use takes."""
+        if self.use_cpu_kernels:  # (cos, sin), each [T, hd / 2] fp32
+            freqs = positions.float()[:, None] * self.inv_freq[None, :]
+            return freqs.cos(), freqs.sin()
+        return self.rope_tables(positions)
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin), each [T, 1, head dim] in the model dtype: rope(x) = x * cos + roll(x, hd / 2) * signed sin."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, hd/2]
         cos, sin = freqs.cos(), freqs.sin()
         return (torch.cat((cos, cos), -1).to(self.dtype)[:, None, :],
@@ -241,6 +256,8 @@ class LlamaModel:
         """
         a = self.args
         kvh, hd, rep = a.num_kv_heads, a.head_dim, a.num_heads // a.num_kv_heads
+        if g.dec_tables is not None:  # set only when the CPU kernels are in use
+            return self.kernels.decode_attention(q, cache, g.dec_tables, g.dec_lens, g.block_size, kvh, hd**-0.5)
         bd, lmax, bs = q.shape[0], g.dec_len, g.block_size
         # whole blocks in one gather, ordered (K or V, sequence, kv head, block): one row per block is
         # ~16x fewer and larger copies than one per token, and the order makes K and V per
@@ -292,18 +309,23 @@ class LlamaModel:
         a = self.args
         h, kvh, hd = a.num_heads, a.num_kv_heads, a.head_dim
         t = batch.input_ids.shape[0]
-        x = self.embed[batch.input_ids]
+        fused = self.use_cpu_kernels
+        x = self.embed[batch.input_ids]  # a fresh tensor: the residual stream, updated in place
         cos, sin = self._rope(batch.positions)
         g = batch.attn
         only_decodes = not g.prefills  # then the decode rows are the whole batch, in order
+        delta = None  # what the previous block adds to the residual stream
         for (attn_norm, qkv_proj, o_proj, ffn_norm, gate_up, down), cache in zip(self.layers, kv):
-            hs = rms_norm(x, attn_norm, a.rms_eps)
+            hs = self._add_norm(x, delta, attn_norm)
             qkv = qkv_proj(hs).view(t, h + 2 * kvh, hd)
-            # Q and K sit side by side in the fused projection: rotate them in one pass, in place,
-            # so that K and V stay adjacent and go to the cache in one copy
-            self._apply_rope_(qkv[:, : h + kvh], cos, sin)
+            if fused:
+                self.kernels.rope_and_cache(qkv, cos, sin, batch.slot_mapping, cache, h, kvh)
+            else:
+                # Q and K sit side by side in the fused projection: rotate them in one pass, in place,
+                # so that K and V stay adjacent and go to the cache in one copy
+                self._apply_rope_(qkv[:, : h + kvh], cos, sin)
+                cache.index_copy_(1, batch.slot_mapping, qkv[:, h:].transpose(0, 1))
             q = qkv[:, :h]
-            cache.index_copy_(1, batch.slot_mapping, qkv[:, h:].transpose(0, 1))
             if only_decodes:
                 out = self._decode_attention(q, cache, g)
             else:
@@ -316,13 +338,25 @@ class LlamaModel:
                     else:
                         kvp = cache.index_select(1, slots)
                     out[start : start + n] = self._prefill_attention(q[start : start + n], kvp[:kvh], kvp[kvh:], past)
-            x = x + o_proj(out.reshape(t, h * hd))
-            hs = rms_norm(x, ffn_norm, a.rms_eps)
+            delta = o_proj(out.reshape(t, h * hd))
+            hs = self._add_norm(x, delta, ffn_norm)
             gu = gate_up(hs)
-            f = gu.shape[1] // 2
-            x = x + down(F.silu(gu[:, :f]) * gu[:, f:])
+            if fused:
+                act = self.kernels.silu_mul(gu)
+            else:
+                f = gu.shape[1] // 2
+                act = F.silu(gu[:, :f]) * gu[:, f:]
+            delta = down(act)
         if batch.logits_rows.numel() == 0:
             return torch.empty(0, self.args.vocab_size, dtype=self.dtype)
-        x = x.index_select(0, batch.logits_rows)
-        x = rms_norm(x, self.norm, a.rms_eps)
+        x = (x.index_select(0, batch.logits_rows) + delta.index_select(0, batch.logits_rows))
+        x = self._add_norm(x, None, self.norm)
         return self.lm_head(x)  # model dtype; the sampler upcasts only rows that need it
+
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight2: torch.Tensor) -> torch.Tensor:
+        """x += delta (in place, when given), then RMSNorm(x)."""
+        if self.use_cpu_kernels:
+            return self.kernels.add_rms_norm(x, delta, weight2, self.args.rms_eps)
+        if delta is not None:
+            x.add_(delta)
+        return rms_norm(x, weight2, self.args.rms_eps)

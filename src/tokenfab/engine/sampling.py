@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenfab.engine import cpu_kernels
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -51,12 +53,11 @@ class Sampler:
         result: list[int | None] = [None] * n
         # Rows without penalties, blocked tokens or randomness: one argmax for the lot.
         simple = [i for i in range(n) if params[i].greedy and not _needs_adjust(params[i], blocked[i])]
-        # max(dim).indices, not argmax: the same first maximal index, ~5x faster on bf16 here
         if len(simple) == n:
-            return logits.max(dim=-1).indices.tolist()
+            return _argmax(logits).tolist()
         if simple:
             idx = torch.tensor(simple)
-            for i, tok in zip(simple, logits.index_select(0, idx).max(dim=-1).indices.tolist()):
+            for i, tok in zip(simple, _argmax(logits.index_select(0, idx)).tolist()):
                 result[i] = tok
         for i in range(n):
             if result[i] is not None:
@@ -88,3 +89,12 @@ class Sampler:
 
 def _needs_adjust(p: SamplingParams, blocked: tuple[int, ...]) -> bool:
     return bool(blocked) or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """First index of each row's maximum: the built CPU kernel (one pass, no temporaries) where it is in
+    use; otherwise max(dim).indices, the same index as argmax and ~5x faster on bf16 here. (Rows with
+    NaN, which only a broken model produces, get an arbitrary index from the kernel.)"""
+    if logits.is_contiguous() and logits.shape[1] and cpu_kernels.supports(logits.dtype, logits.device):
+        return cpu_kernels.ops().argmax_rows(logits)
+    return logits.max(dim=-1).indices
