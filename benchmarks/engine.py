@@ -9,8 +9,10 @@ Decode is reported two ways: end to end (all output tokens / wall time, prefill 
 included) and steady state (tokens produced while every stream is past its first token and none has
 finished / that window), which is the rate the matmul-only bound describes.
 In the same run it measures the machine's matmul-only bound for SmolLM2-135M's shapes (30 layers +
-LM head, bf16; and at 1 sequence the weight-only kernels the engine uses there: int4 layers + int8
-LM head, and int8 throughout) and reports the engine as a fraction of it. The bound is measured with
+LM head, bf16 twice: F.linear on plain weights, the issue's bound, and on weights pre-packed for
+oneDNN, as the engine's dense path runs them; and at 1 sequence the weight-only kernels the engine
+uses there: int4 layers + int8 LM head, and int8 throughout) and reports the engine as a fraction
+of each. The bound is measured with
 the same allocator setting the engine uses (tokenfab.engine.cpu_memory), so neither side pays page
 faults the other does not.
 
@@ -102,19 +104,29 @@ class MatmulBound:
             q, sz = _as_int4_groups(on_grid.to(torch.bfloat16))
             return torch._convert_weight_to_int4pack_for_cpu(q, 1), sz
 
+        # bf16 weights pre-packed once into oneDNN's blocked layout (as the engine's dense path holds them)
+        self.wp = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in self.ws]
+        self.headp = torch.ops.mkldnn._reorder_linear_weight(self.head, 64)
         self.wq = [quant(w) for w in self.ws]
         self.w4 = [quant4(w) for w in self.ws]
         self.headq = quant(self.head)
         self._x: dict[int, tuple[dict, object]] = {}
 
     def step(self, m: int, kernel: str) -> float:
-        """Seconds for one step of `m` tokens: bf16 dense, or weight-only int8 / int4 layers (int8 LM head)."""
+        """Seconds for one step of `m` tokens: bf16 dense ("bf16": F.linear on plain weights, "bf16p": oneDNN
+        on weights pre-packed once), or weight-only int8 / int4 layers (int8 LM head)."""
         torch = self.torch
         if m not in self._x:
             self._x[m] = ({i: torch.randn(m, i).to(torch.bfloat16) for i in {w.shape[1] for w in self.ws}},
                           torch.randn(m, self.d).to(torch.bfloat16))
         xs, xh = self._x[m]
         t0 = time.perf_counter()
+        if kernel == "bf16p":
+            lin = torch.ops.mkldnn._linear_pointwise
+            for w, p in zip(self.ws, self.wp):
+                lin(xs[w.shape[1]], p, None, "none", [], "")
+            lin(xh, self.headp, None, "none", [], "")
+            return time.perf_counter() - t0
         for w, (w8, s), (p4, sz) in zip(self.ws, self.wq, self.w4):
             x = xs[w.shape[1]]
             if kernel == "int8":
@@ -138,9 +150,10 @@ class MatmulBound:
 def matmul_bound(bound: MatmulBound) -> dict[str, float]:
     out = {}
     for m in DECODE_CONCURRENCY:
-        s = bound.median(m, "bf16")
-        out[f"bf16_step_ms_{m}"] = s * 1000
-        out[f"bf16_tok_s_{m}"] = m / s
+        for kernel in ("bf16", "bf16p"):
+            s = bound.median(m, kernel)
+            out[f"{kernel}_step_ms_{m}"] = s * 1000
+            out[f"{kernel}_tok_s_{m}"] = m / s
     for kernel in ("int8", "int4"):
         s = bound.median(1, kernel)
         out[f"{kernel}_step_ms_1"] = s * 1000
@@ -165,7 +178,7 @@ def engine_in_process(threads: int, bound: MatmulBound) -> dict[str, float]:
     eng.generate([prompt] * 4, sp)
     out = {}
     for n in DECODE_CONCURRENCY:
-        kernels = ("bf16", "int4") if n == 1 else ("bf16",)
+        kernels = ("bf16", "bf16p", "int4") if n == 1 else ("bf16", "bf16p")
         t0 = time.perf_counter()
         rids = {eng.add_request(prompt + [1000 + i], sp) for i in range(n)}
         started: set[str] = set()
@@ -341,14 +354,20 @@ def main() -> int:
 
     import torch
 
+    from tokenfab.engine import cpu_kernels
+
     meta = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
         "torch": torch.__version__, "threads": args.threads, "reps": args.reps,
+        "cpu_kernels": cpu_kernels.describe(),
         "command": "python " + " ".join(sys.argv),
         "precision": {"tokenfab": "bf16 activations; for steps of <= 12 tokens weight-only matmuls on the GGUF's own "
                                   "4-bit weights (int4, Q4_1 groups of 32, not re-rounded) and an int8 LM head "
-                                  "(the Q8_0 embedding rounded per channel); bf16 matmuls on the same weights above",
+                                  "(the Q8_0 embedding rounded per channel); bf16 matmuls on the same weights above (pre-packed for "
+                                  "oneDNN); "
+                                  "decode attention, norms, RoPE and SiLU in the built CPU kernels "
+                                  "(fp32 inside, bf16 out) where they build",
                       "llama-server": "Q4_1 weights as stored in the GGUF (ggml CPU kernels)"},
     }
     report = {"meta": meta, "matmul_bound": bound, "engine_in_process": in_proc, "results": res}
@@ -375,24 +394,28 @@ def main() -> int:
         lines.append(row(f"TTFT {n}-token prompt (s)", t[f"ttft_{n}_s"], l and l[f"ttft_{n}_s"], "{:.3f}", False))
     lines.append(row("peak RSS (MB)", t["peak_rss_mb"], l and l["peak_rss_mb"], "{:.0f}", False))
     lines.append("")
-    lines.append("In process, steady decode, each engine step followed by a matmul-only step of the same size:")
-    lines.append("| streams | engine step | matmul-only step (bf16) | fraction of the bf16 bound | engine tok/s steady / "
-                 "end to end |")
-    lines.append("|---|---|---|---|---|")
+    lines.append("In process, steady decode, each engine step followed by matmul-only steps of the same size "
+                 "(bf16: F.linear on plain weights, the issue's bound; bf16p: the same matmuls on weights pre-packed "
+                 "for oneDNN, as the engine runs them):")
+    lines.append("| streams | engine step | matmul-only step bf16 / bf16p | fraction of the bf16 bound | "
+                 "fraction of the bf16p bound | engine tok/s steady / end to end |")
+    lines.append("|---|---|---|---|---|---|")
     for n in DECODE_CONCURRENCY:
-        lines.append(f"| {n} | {in_proc[f'step_ms_{n}']:.1f} ms | {in_proc[f'bound_bf16_step_ms_{n}']:.1f} ms | "
-                     f"{in_proc[f'fraction_of_bf16_bound_{n}']:.2f} | {in_proc[f'decode_tok_s_{n}']:.0f} / "
+        lines.append(f"| {n} | {in_proc[f'step_ms_{n}']:.1f} ms | {in_proc[f'bound_bf16_step_ms_{n}']:.1f} / "
+                     f"{in_proc[f'bound_bf16p_step_ms_{n}']:.1f} ms | {in_proc[f'fraction_of_bf16_bound_{n}']:.2f} | "
+                     f"{in_proc[f'fraction_of_bf16p_bound_{n}']:.2f} | {in_proc[f'decode_tok_s_{n}']:.0f} / "
                      f"{in_proc[f'output_tok_s_{n}']:.0f} |")
     lines.append(f"At 1 stream the int4 weight-only matmuls alone take {in_proc['bound_int4_step_ms_1']:.1f} ms "
                  f"(the engine step is {in_proc['fraction_of_int4_bound_1']:.2f} of that bound).")
     lines.append("")
     lines.append("Over HTTP (the bound measured separately, before the servers ran):")
-    lines.append("| streams | matmul-only bound (bf16) tok/s | server steady decode tok/s | fraction | end to end tok/s |")
+    lines.append("| streams | matmul-only bound bf16 / bf16p tok/s | server steady decode tok/s | fraction bf16 / bf16p | "
+                 "end to end tok/s |")
     lines.append("|---|---|---|---|---|")
     for n in DECODE_CONCURRENCY:
-        b = bound[f"bf16_tok_s_{n}"]
+        b, bp = bound[f"bf16_tok_s_{n}"], bound[f"bf16p_tok_s_{n}"]
         hs, h = t[f"decode_{n}"]["decode_tok_s"], t[f"decode_{n}"]["output_tok_s"]
-        lines.append(f"| {n} | {b:.0f} | {hs:.0f} | {hs / b:.2f} | {h:.0f} |")
+        lines.append(f"| {n} | {b:.0f} / {bp:.0f} | {hs:.0f} | {hs / b:.2f} / {hs / bp:.2f} | {h:.0f} |")
     for k in ("int4", "int8"):
         lines.append(f"{k} weight-only matmul-only bound at 1 stream ({k} layers, int8 LM head): "
                      f"{bound[f'{k}_tok_s_1']:.0f} tok/s ({bound[f'{k}_step_ms_1']:.1f} ms/step)")

@@ -181,3 +181,15 @@ def test_checked_kernels_refuse_mismatched_inputs():
     with pytest.raises(ValueError, match="outside the cache"):
         cpu_kernels.rope_and_cache(torch.zeros(1, 3, 8), torch.zeros(1, 4), torch.zeros(1, 4),
                                    torch.tensor([10]), torch.zeros(2, 4, 8), 1, 1)
+
+
+def test_kernels_can_be_switched_off_and_the_engine_says_so():
+    import subprocess
+    import sys
+
+    code = ("from tokenfab.engine import cpu_kernels; import torch; "
+            "print(cpu_kernels.describe()); print(cpu_kernels.supports(torch.bfloat16, torch.device('cpu')))")
+    env = {**__import__("os").environ, "TOKENFAB_CPU_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["disabled by TOKENFAB_CPU_KERNELS=0", "False"]

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -36,6 +37,7 @@ _SOURCE = "kernels.cpp"
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _DTYPES = {torch.bfloat16: 0, torch.float32: 1}
 _state: dict[str, object] = {}
+_lock = threading.Lock()
 
 
 def _cache_dir() -> Path:
@@ -76,6 +78,13 @@ def _build(cxx: str, source: bytes) -> Path:
 def _load() -> ctypes.CDLL | None:
     if "lib" in _state:
         return _state["lib"]  # type: ignore[return-value]
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"] = _build_and_open()
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def _build_and_open() -> ctypes.CDLL | None:
     lib = None
     if os.environ.get("TOKENFAB_CPU_KERNELS", "1") in ("0", "false", "no", "off"):
         _state["why"] = "disabled by TOKENFAB_CPU_KERNELS=0"
@@ -106,8 +115,7 @@ def _load() -> ctypes.CDLL | None:
             _state["why"] = f"build failed, using torch ops: {e}"
             log.warning("CPU kernels: %s", _state["why"])
             lib = None
-    _state["lib"] = lib
-    log.info("CPU kernels: %s", _state["why"])
+    log.debug("CPU kernels: %s", _state["why"])
     return lib
 
 
