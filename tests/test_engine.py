@@ -207,9 +207,12 @@ def test_int4_packing_accepts_only_weights_on_a_4bit_grid():
 
 
 @pytest.mark.parametrize("past", [0, 300])
-def test_prefill_attention_matches_sdpa_in_bf16(real_model, past):
-    """Blocked prefill attention (bf16 scores, fp32 softmax) vs torch's SDPA on the same inputs."""
+@pytest.mark.parametrize("use_sdpa", [False, True], ids=["blocked", "sdpa-where-chosen"])
+def test_prefill_attention_matches_sdpa_in_bf16(real_model, past, use_sdpa):
+    """Prefill attention in bf16 (the blocked form: bf16 scores, fp32 softmax; or SDPA, which the model
+    picks for whole prompts on GPUs and AMX CPUs) vs an fp32 SDPA reference on the same inputs."""
     eng = make_engine(real_model, dtype="bfloat16")
+    eng.model.prefill_sdpa = use_sdpa
     a = eng.model.args
     g = torch.Generator().manual_seed(1)
     n = 600  # more than two query blocks, the last one partial

@@ -63,7 +63,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     linear_kernel: str = "auto"  # auto | dense | int8 (auto: int4 for GGUF Q4_1 weights, else int8, weight-only, for small batches; dense for large)
-    small_batch_max_tokens: int = 12  # with linear_kernel=auto, token counts up to this use the weight-only kernel (crossover ~14-16 here)
+    small_batch_max_tokens: int = -1  # with linear_kernel=auto, token counts up to this use the weight-only kernel; -1: by CPU (12, or 4 with AMX)
     block_size: int = 16
     num_kv_blocks: int = 0  # 0: derive from kv_cache_gb
     kv_cache_gb: float = 1.0
@@ -76,3 +76,15 @@ class EngineConfig:
     synthetic_layers: int = 0  # 0: the full SmolLM2-135M shape; >0: a smaller synthetic model (tests)
     cache_dir: str = ""  # where dequantised weights / tokenizer are cached; "" = ~/.cache/tokenfab
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+def resolve_small_batch_max_tokens(value: int) -> int:
+    """-1 picks by CPU: the int4 kernel beats bf16 matmuls up to ~14 tokens on the AMD EPYC VM, but only
+    up to ~5 on the Xeon with AMX, whose pre-packed bf16 matmuls are faster (docs/performance.md)."""
+    if value < -1:
+        raise ValueError(f"small_batch_max_tokens must be -1 (by CPU) or a token count >= 0, got {value}")
+    if value >= 0:
+        return value
+    from tokenfab.engine.cpu_kernels import has_amx
+
+    return 4 if has_amx() else 12

@@ -57,6 +57,15 @@ def _cpu_flags() -> str:
     return ""
 
 
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles for bf16 (Intel Sapphire Rapids and later). oneDNN's bf16 matmuls
+    and torch's CPU flash attention use them, which moves the engine's kernel crossovers: measured on
+    the 2-core VMs (docs/performance.md), a Xeon with AMX runs prefill attention faster in SDPA and
+    small batches faster in pre-packed bf16 than in int4 from ~6 tokens; an AMD EPYC without AMX the
+    other way round up to ~14 tokens."""
+    return " amx_bf16" in _cpu_flags()
+
+
 def _build(cxx: str, source: bytes) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(_FLAGS).encode(), _cpu_flags().encode()]))

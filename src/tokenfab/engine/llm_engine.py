@@ -14,7 +14,7 @@ import torch
 
 from tokenfab.engine.block_manager import BlockManager
 from tokenfab.engine.cpu_memory import keep_freed_memory
-from tokenfab.engine.config import EngineConfig
+from tokenfab.engine.config import EngineConfig, resolve_small_batch_max_tokens
 from tokenfab.engine.loader import LoadedModel, load_model
 from tokenfab.engine.model import LlamaModel
 from tokenfab.engine.model_runner import ModelRunner
@@ -89,7 +89,8 @@ class LLMEngine:
         self.dtype = resolve_dtype(config)
         device = torch.device(config.device)
         args = self.loaded.args
-        self.model = LlamaModel(args, self.loaded.weights, self.dtype, device, config.linear_kernel, config.small_batch_max_tokens)
+        self.model = LlamaModel(args, self.loaded.weights, self.dtype, device, config.linear_kernel,
+                                resolve_small_batch_max_tokens(config.small_batch_max_tokens))
         self.max_model_len = min(config.max_model_len, args.max_position)
         num_blocks = config.num_kv_blocks
         if num_blocks <= 0:
