@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -15,6 +16,8 @@ def test_kernel_builds_where_a_compiler_is_present():
         pytest.skip("no C++ compiler on this machine: the engine uses its torch path")
     assert cpu_kernels.available(), cpu_kernels.describe()
     assert cpu_kernels.describe().startswith("built for this CPU")
+    if os.environ.get("TOKENFAB_KERNEL_ARCH") in ("x86-64-v3", "x86-64-v2", "x86-64"):
+        assert cpu_kernels.describe() == "built for this CPU (generic)"
 
 
 def _reference(q, cache, tables, lens, bs, kvh):
@@ -193,3 +196,21 @@ def test_kernels_can_be_switched_off_and_the_engine_says_so():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["disabled by TOKENFAB_CPU_KERNELS=0", "False"]
+
+
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64-v4"], ids=["avx2", "avx512-without-bf16"])
+def test_generic_paths_on_older_instruction_sets(arch):
+    """The same checks on builds without AVX512-BF16 (and without AVX-512), in a fresh process."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() != "x86_64" or not cpu_kernels.available():
+        pytest.skip("x86-64 builds only")
+    env = {**os.environ, "TOKENFAB_KERNEL_ARCH": arch}
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__,
+           "-k", "matches or rotates or argmax or builds"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]

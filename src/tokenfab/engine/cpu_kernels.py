@@ -34,7 +34,13 @@ log = logging.getLogger(__name__)
 
 _SOURCE = "kernels.cpp"
 # -ffast-math: vectorised exp (glibc libmvec) and reductions; the kernels assume finite inputs
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def _arch_flag() -> str:
+    """-march for the build: this CPU by default; TOKENFAB_KERNEL_ARCH (e.g. x86-64-v3) builds for an older
+    instruction set, which is how the tests check the generic code paths on an AVX-512 machine."""
+    return "-march=" + (os.environ.get("TOKENFAB_KERNEL_ARCH") or "native")
 _DTYPES = {torch.bfloat16: 0, torch.float32: 1}
 _state: dict[str, object] = {}
 _lock = threading.Lock()
@@ -68,7 +74,8 @@ def has_amx() -> bool:
 
 def _build(cxx: str, source: bytes) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(_FLAGS).encode(), _cpu_flags().encode()]))
+    flags = [_arch_flag(), *_FLAGS]
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(), _cpu_flags().encode()]))
     target = _cache_dir() / key.hexdigest()[:16] / "libtokenfab_kernels.so"
     if target.exists():
         return target
@@ -77,7 +84,7 @@ def _build(cxx: str, source: bytes) -> Path:
         src = Path(tmp) / _SOURCE
         src.write_bytes(source)
         out = Path(tmp) / target.name
-        proc = subprocess.run([cxx, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([cxx, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(out, target)  # atomic: concurrent builders (several servers starting) do not collide

@@ -21,9 +21,12 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
-#define TF_HAVE_AVX512BF16 1
+#define TF_HAVE_AVX512 1  // vectorised SiLU
+#if defined(__AVX512BF16__)
+#define TF_HAVE_AVX512BF16 1  // the fast decode-attention path
+#endif
 #endif
 
 namespace {
@@ -171,7 +174,7 @@ void rope_and_cache(T* qkv, const float* cos, const float* sin, const int64_t* s
   }
 }
 
-#if defined(__AVX512F__)
+#ifdef TF_HAVE_AVX512
 // exp(x) for |x| < ~87 as 2^n * p(f): n = round(x log2 e), f = x - n ln 2 in two parts, p of degree 6
 // (relative error ~2e-7, below bf16's 4e-3 by far); inputs clamped so that exp(-big) -> 0, not garbage.
 inline __m512 exp512(__m512 x) {
@@ -215,7 +218,7 @@ void silu_mul(const T* gu, T* out, int64_t n, int64_t f) {
   for (int64_t i = 0; i < n; ++i) {
     const T* g = gu + i * 2 * f;
     T* o = out + i * f;
-#if defined(__AVX512F__)
+#ifdef TF_HAVE_AVX512
     for (int64_t j = 0; j < f; j += 16) {
       const __mmask16 m = f - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (f - j)) - 1);
       const __m512 a = load16_masked(g + j, m), u = load16_masked(g + f + j, m);
@@ -226,7 +229,8 @@ void silu_mul(const T* gu, T* out, int64_t n, int64_t f) {
 #pragma omp simd
     for (int64_t j = 0; j < f; ++j) {
       const float a = load(g + j);
-      store(o + j, a / (1.f + std::exp(-a)) * load(g + f + j));
+      // clamped: under -ffast-math an exp that overflows to inf can turn the division into NaN
+      store(o + j, a / (1.f + std::exp(std::min(-a, 80.f))) * load(g + f + j));
     }
 #endif
   }
