@@ -39,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,7 +210,7 @@ def engine_in_process(threads: int, bound: MatmulBound) -> dict[str, float]:
 
 
 # --- load against one server -----------------------------------------------------------------------------
-async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt, max_tokens: int) -> dict:
+async def stream_one(session: aiohttp.ClientSession, url: str, model: str, prompt, max_tokens: int) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -217,16 +218,16 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt, ma
     chunks = 0
     usage = None
     times: list[float] = []
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+    async with session.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status}: {(await r.read())[:300]!r}")
         # light parsing: the client shares the CPU with the server, so only the usage chunk is decoded
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for raw in r.content:
+            if not raw.startswith(b"data: ") or raw.startswith(b"data: [DONE]"):
                 continue
-            if '"usage":{' in line or '"usage": {' in line:
-                usage = json.loads(line[6:]).get("usage") or usage
-            if '"text":""' not in line and '"text": ""' not in line and '"text"' in line:
+            if b'"usage":{' in raw or b'"usage": {' in raw:
+                usage = json.loads(raw[6:]).get("usage") or usage
+            if b'"text":""' not in raw and b'"text": ""' not in raw and b'"text"' in raw:
                 chunks += 1
                 times.append(time.perf_counter())
                 if first is None:
@@ -237,11 +238,18 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt, ma
             "prompt_tokens": usage["prompt_tokens"] if usage else None, "chunk_times": times}
 
 
+def _session() -> aiohttp.ClientSession:
+    # aiohttp rather than httpx: the load generator shares the two cores with the server, and aiohttp
+    # spends about a third of the client CPU per streamed token here (see docs/performance.md)
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                 timeout=aiohttp.ClientTimeout(total=600))
+
+
 async def decode_load(url: str, model: str, n: int, rng: random.Random) -> dict:
     prompts = [f"Story {rng.randrange(10**9)}: once upon a time, in a village by the sea, there lived" for _ in range(n)]
     cpu0 = time.process_time()
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as client:
-        res = await asyncio.gather(*(stream_one(client, url, model, p, OUTPUT_TOKENS) for p in prompts))
+    async with _session() as session:
+        res = await asyncio.gather(*(stream_one(session, url, model, p, OUTPUT_TOKENS) for p in prompts))
     client_cpu = time.process_time() - cpu0
     wall = max(r["end"] for r in res) - min(r["start"] for r in res)
     total = sum(r["output_tokens"] for r in res)
@@ -257,8 +265,8 @@ async def decode_load(url: str, model: str, n: int, rng: random.Random) -> dict:
 
 async def ttft(url: str, model: str, n_tokens: int, rng: random.Random) -> float:
     prompt = [rng.randrange(1000, 40000) for _ in range(n_tokens)]
-    async with httpx.AsyncClient(timeout=600) as client:
-        r = await stream_one(client, url, model, prompt, 1)
+    async with _session() as session:
+        r = await stream_one(session, url, model, prompt, 1)
     return r["ttft_s"]
 
 
