@@ -225,3 +225,20 @@ def test_prefill_attention_matches_sdpa_in_bf16(real_model, past, use_sdpa):
                                           attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
     assert (got - want).abs().max() < 0.03
     assert (got - want).abs().mean() < 2e-3
+
+
+def test_dense_bf16_weights_are_held_prepacked_and_compute_the_same():
+    from tokenfab.engine.model import Linear
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(960, 576, generator=g).bfloat16()
+    b = torch.randn(960, generator=g).bfloat16()
+    lin = Linear(w, b, "dense", 0)
+    if lin.packed is None:
+        pytest.skip("no oneDNN pre-packing in this torch build: F.linear is used")
+    assert lin._weight is None  # one copy of the weights, the packed one
+    assert torch.equal(lin.weight, w)
+    for m in (1, 13, 64, 300):  # any row count, not only the packing hint
+        x = torch.randn(m, 576, generator=g).bfloat16()
+        assert torch.equal(lin(x), F.linear(x, w, b))
+    assert Linear(w.float(), None, "dense", 0).packed is None  # fp32 keeps F.linear
