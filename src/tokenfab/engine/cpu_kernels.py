@@ -47,9 +47,10 @@ _lock = threading.Lock()
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("TOKENFAB_KERNEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "tokenfab", "kernels")
-    return Path(base)
+    """TOKENFAB_KERNEL_CACHE, else `kernels/` under the engine's cache (TOKENFAB_CACHE_DIR or ~/.cache/tokenfab)."""
+    if os.environ.get("TOKENFAB_KERNEL_CACHE"):
+        return Path(os.environ["TOKENFAB_KERNEL_CACHE"])
+    return Path(os.environ.get("TOKENFAB_CACHE_DIR") or Path.home() / ".cache" / "tokenfab") / "kernels"
 
 
 def _cpu_flags() -> str:
