@@ -174,3 +174,13 @@ def test_concurrent_requests_all_complete(client):
 
     with cf.ThreadPoolExecutor(8) as pool:
         assert list(pool.map(one, range(16))) == [6] * 16
+
+
+def test_health_says_which_kernels_run(server):
+    k = httpx.get(server.base_url + "/health").json()["kernels"]
+    assert set(k) == {"decode_attention", "norm_rope_silu_argmax", "matmuls", "prefill_attention"}
+    from tokenfab.engine import cpu_kernels
+
+    if cpu_kernels.available():  # the test server runs the bundled model in bf16 on the CPU
+        assert k["decode_attention"] == "paged, read in place"
+        assert k["norm_rope_silu_argmax"].startswith("CPU kernels, built for this CPU")

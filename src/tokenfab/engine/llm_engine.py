@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenfab.engine import cpu_kernels
 from tokenfab.engine.block_manager import BlockManager
 from tokenfab.engine.cpu_memory import keep_freed_memory
 from tokenfab.engine.config import EngineConfig, resolve_small_batch_max_tokens
@@ -117,6 +118,28 @@ class LLMEngine:
             config.block_size,
             self.load_s,
         )
+        log.info("kernels: %s", "; ".join(f"{k}: {v}" for k, v in self.kernel_info().items()))
+
+    def kernel_info(self) -> dict[str, str]:
+        """Which kernel does what on this machine (for the log and /health)."""
+        m = self.model
+        dtype = str(self.dtype).replace("torch.", "")
+        if m.use_cpu_kernels:
+            glue = f"CPU kernels, {cpu_kernels.describe()}"
+        elif m.device.type == "cpu":
+            glue = f"torch ops (CPU kernels: {cpu_kernels.describe()}; dtype {dtype})"
+        else:
+            glue = "torch ops"
+        lin = m.layers[0][1] if m.layers else m.lm_head
+        small = lin.small_max_tokens
+        dense = "bf16 pre-packed for oneDNN" if m.lm_head.packed is not None else f"{dtype} F.linear"
+        return {
+            "decode_attention": "paged, read in place" if m.use_cpu_kernels else "gathered blocks + batched matmuls",
+            "norm_rope_silu_argmax": glue,
+            "matmuls": (f"{lin.kind} weight-only for every step" if small >= 1 << 30 else
+                        (f"{lin.kind} weight-only up to {small} tokens, " if small else "") + f"dense above: {dense}"),
+            "prefill_attention": "SDPA for whole prompts, blocked for chunks" if m.prefill_sdpa else "blocked",
+        }
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -320,6 +320,7 @@ class Gateway:
         core = self.engine.engine
         return JSONResponse({
             "status": "ok", "model": self.model_name, "synthetic": self.loaded.synthetic,
+            "kernels": core.kernel_info(),
             "running": len(core.scheduler.running), "waiting": len(core.scheduler.waiting),
             "in_flight": self.engine.num_in_flight, "kv_cache_usage": round(core.block_manager.usage(), 4),
             "steps": self.engine.num_steps, "step_ewma_ms": round(self.engine.step_ewma_s * 1000, 3),
