@@ -10,13 +10,14 @@ The source is compiled on first use with the system C++ compiler (`g++ -O3 -marc
 about 2 s) into a cache directory keyed by the source, the compiler and the CPU's flags, and loaded
 with ctypes: no torch headers, so the build is quick and needs nothing beyond a compiler. OpenMP in the
 kernel shares the runtime torch has already loaded (`libgomp.so.1`), so it uses torch's thread count.
-Where no compiler is present, the build fails, or `TOKENFAB_CPU_KERNELS=0` is set, `decode_attention()`
-returns None and the engine keeps its torch path; `describe()` says which is in use.
+Where no compiler is present, the build fails, or `TOKENFAB_CPU_KERNELS=0` is set, `supports()` is false
+and `ops()` returns None, and the engine keeps its torch path; `describe()` says which is in use.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -35,15 +36,15 @@ log = logging.getLogger(__name__)
 _SOURCE = "kernels.cpp"
 # -ffast-math: vectorised exp (glibc libmvec) and reductions; the kernels assume finite inputs
 _FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_DTYPES = {torch.bfloat16: 0, torch.float32: 1}
+_state: dict[str, object] = {}
+_lock = threading.Lock()
 
 
 def _arch_flag() -> str:
     """-march for the build: this CPU by default; TOKENFAB_KERNEL_ARCH (e.g. x86-64-v3) builds for an older
     instruction set, which is how the tests check the generic code paths on an AVX-512 machine."""
     return "-march=" + (os.environ.get("TOKENFAB_KERNEL_ARCH") or "native")
-_DTYPES = {torch.bfloat16: 0, torch.float32: 1}
-_state: dict[str, object] = {}
-_lock = threading.Lock()
 
 
 def _cache_dir() -> Path:
@@ -53,6 +54,7 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("TOKENFAB_CACHE_DIR") or Path.home() / ".cache" / "tokenfab") / "kernels"
 
 
+@functools.cache
 def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -57,7 +57,8 @@ def _prepack(weight: torch.Tensor) -> torch.Tensor | None:
     where that is unavailable or does not reproduce F.linear on a probe.
 
     torch's F.linear hands oneDNN the plain [N, K] weight and oneDNN re-blocks it on each call. Measured
-    side by side on the 2-core VM (SmolLM2's 30 layers + LM head, `benchmarks/engine.py`'s bound, bf16):
+    side by side on the 2-core Intel Xeon VM with AMX, 2026-11-29 (SmolLM2's 30 layers + LM head, the bound
+    of `benchmarks/engine.py`, bf16):
     64 tokens 33.6-38.3 ms packed vs 49.4-50.2 ms plain; 16 tokens 23.4-24.7 vs 30.0-32.0 ms; the
     outputs are bit-identical.
     """
@@ -135,7 +136,7 @@ def rms_norm(x: torch.Tensor, weight2: torch.Tensor, eps: float) -> torch.Tensor
     """RMSNorm; for small token counts computed as a LayerNorm of [x, -x] (whose mean is exactly 0,
     so its variance is mean(x^2)), which is one fused kernel where F.rms_norm is several.
 
-    `weight2` is the norm weight repeated twice. Measured side by side on the 2-core VM (bf16, 576
+    `weight2` is the norm weight repeated twice. Measured side by side on the 2-core AMD EPYC VM (bf16, 576
     wide, `benchmarks/engine_kernels.py`): 5.7 vs 10.1 us at 1 token, even at ~48 tokens, and
     F.rms_norm ahead above (140 vs 220 us at 1,024); the results are identical.
     """
@@ -389,7 +390,7 @@ class LlamaModel:
             delta = down(act)
         if batch.logits_rows.numel() == 0:
             return torch.empty(0, self.args.vocab_size, dtype=self.dtype)
-        x = (x.index_select(0, batch.logits_rows) + delta.index_select(0, batch.logits_rows))
+        x = x.index_select(0, batch.logits_rows) + delta.index_select(0, batch.logits_rows)
         x = self._add_norm(x, None, self.norm)
         return self.lm_head(x)  # model dtype; the sampler upcasts only rows that need it
 

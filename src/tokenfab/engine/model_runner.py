@@ -60,11 +60,12 @@ class ModelRunner:
                 used = -(-L // bs)
                 tables[i, :used] = seq.block_table[:used]
                 lens[i] = L
+            dec_rows = torch.tensor([r for r, _, _ in dec], device=dev)
             if self.model.use_cpu_kernels:  # the kernel reads blocks in place: tables and lengths only
-                group = AttnGroup(torch.tensor([r for r, _, _ in dec], device=dev), None, None, nb * bs, prefills, bs,
+                group = AttnGroup(dec_rows, None, None, nb * bs, prefills, bs,
                                   torch.from_numpy(tables), torch.from_numpy(lens))
             else:
-                group = self._gathered_group(dec, tables, lens, nb, prefills)
+                group = self._gathered_group(dec_rows, tables, lens, nb, prefills)
         batch = StepBatch(
             input_ids=torch.tensor(ids, device=dev),
             positions=torch.from_numpy(np.concatenate(positions)).to(dev),
@@ -75,7 +76,8 @@ class ModelRunner:
         logits = self.model.forward(batch, self.kv)
         return logits, sample_seqs
 
-    def _gathered_group(self, dec, tables: np.ndarray, lens: np.ndarray, nb: int, prefills) -> AttnGroup:
+    def _gathered_group(self, dec_rows: torch.Tensor, tables: np.ndarray, lens: np.ndarray, nb: int,
+                        prefills) -> AttnGroup:
         """Decode attention for the torch path: rows of whole blocks to gather, and a padding bias."""
         dev, bs = self.device, self.block_size
         # rows of the cache viewed as [2 KV heads x blocks, block size x head dim], ordered
@@ -88,12 +90,5 @@ class ModelRunner:
         bias = None
         if (lens != lmax).any():
             pad = np.where(np.arange(lmax)[None, :] < lens[:, None], 0.0, -np.inf).astype(np.float32)
-            bias = torch.from_numpy(pad).to(device=dev, dtype=self.model.dtype).view(len(dec), 1, 1, lmax)
-        return AttnGroup(
-            torch.tensor([r for r, _, _ in dec], device=dev),
-            torch.from_numpy(rows.ravel()).to(dev),
-            bias,
-            lmax,
-            prefills,
-            bs,
-        )
+            bias = torch.from_numpy(pad).to(device=dev, dtype=self.model.dtype).view(len(lens), 1, 1, lmax)
+        return AttnGroup(dec_rows, torch.from_numpy(rows.ravel()).to(dev), bias, lmax, prefills, bs)

@@ -270,10 +270,10 @@ inline __m512 sum16(const __m512* a) {
 
 // Prefetch `rows` rows of 16 * NV bf16 (whole cache lines) into L1: the blocks of a sequence lie anywhere
 // in the cache, and the hardware prefetcher does not run ahead across them.
-template <int NV>
+template <int NV, int Hint = _MM_HINT_T0>
 inline void prefetch_rows(const uint16_t* p, int64_t rows) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < rows * 32 * NV; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+  for (int64_t off = 0; off < rows * 32 * NV; off += 64) _mm_prefetch(c + off, static_cast<_mm_hint>(Hint));
 }
 
 inline const uint16_t* run_start(const uint16_t* base, const int64_t* bt, int64_t t0, int64_t bs, int64_t d) {
@@ -347,42 +347,36 @@ void weighted_values(const Problem& p, const uint16_t* vbase, const int64_t* bt,
   }
 }
 
-// bf16 with head_dim a multiple of 32 (at most 256) and block_size a multiple of 16: q.k products with
-// the AVX512-BF16 dot-product instruction (exact products, fp32 sums) over runs of 16 keys that lie
-// in one block, the sixteen results transposed into one vector of scores.
+// bf16 with head_dim = 16 * NV a multiple of 32 (at most 256) and block_size a multiple of 16: scores
+// over runs of 16 keys that lie in one block (`scores`), softmax, then the weighted values.
+template <int NV>
 void task_bf16(const Problem& p, int64_t b, int64_t g, std::vector<float>& sc) {
-  const int64_t D = p.head_dim, rep = p.heads / p.kv_heads, L = p.lens[b], bs = p.block_size;
+  constexpr int64_t D = 16 * NV;
+  const int64_t rep = p.heads / p.kv_heads, L = p.lens[b], bs = p.block_size;
   const int64_t runs = (L + 15) / 16, width = runs * 16;
   const uint16_t* q = static_cast<const uint16_t*>(p.q) + b * p.q_stride + g * rep * D;
   const uint16_t* kbase = static_cast<const uint16_t*>(p.cache) + g * p.slots * D;
   const uint16_t* vbase = static_cast<const uint16_t*>(p.cache) + (p.kv_heads + g) * p.slots * D;
   const int64_t* bt = p.tables + b * p.table_stride;
   sc.resize(rep * width);
-  // V's first block arrives while the scores are computed
-  for (int64_t off = 0; off < std::min<int64_t>(bs, L) * D * 2; off += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(vbase + bt[0] * bs * D) + off, _MM_HINT_T1);
-  switch (D / 16) {
-    case 2: scores<2>(p, q, kbase, bt, runs, rep, sc.data(), width); break;
-    case 4: scores<4>(p, q, kbase, bt, runs, rep, sc.data(), width); break;
-    case 6: scores<6>(p, q, kbase, bt, runs, rep, sc.data(), width); break;
-    case 8: scores<8>(p, q, kbase, bt, runs, rep, sc.data(), width); break;
-    case 10: scores<10>(p, q, kbase, bt, runs, rep, sc.data(), width); break;
-    case 12: scores<12>(p, q, kbase, bt, runs, rep, sc.data(), width); break;
-    case 14: scores<14>(p, q, kbase, bt, runs, rep, sc.data(), width); break;
-    default: scores<16>(p, q, kbase, bt, runs, rep, sc.data(), width); break;
-  }
+  prefetch_rows<NV, _MM_HINT_T1>(vbase + bt[0] * bs * D, std::min(bs, L));  // arrives while the scores are computed
+  scores<NV>(p, q, kbase, bt, runs, rep, sc.data(), width);
   float inv[64];
   for (int64_t r = 0; r < rep; ++r) inv[r] = 1.f / exp_shifted(&sc[r * width], L);  // slots past L are never read
-  uint16_t* out = static_cast<uint16_t*>(p.out) + (b * p.heads + g * rep) * D;
-  switch (D / 16) {
-    case 2: return weighted_values<2>(p, vbase, bt, L, rep, sc.data(), width, inv, out);
-    case 4: return weighted_values<4>(p, vbase, bt, L, rep, sc.data(), width, inv, out);
-    case 6: return weighted_values<6>(p, vbase, bt, L, rep, sc.data(), width, inv, out);
-    case 8: return weighted_values<8>(p, vbase, bt, L, rep, sc.data(), width, inv, out);
-    case 10: return weighted_values<10>(p, vbase, bt, L, rep, sc.data(), width, inv, out);
-    case 12: return weighted_values<12>(p, vbase, bt, L, rep, sc.data(), width, inv, out);
-    case 14: return weighted_values<14>(p, vbase, bt, L, rep, sc.data(), width, inv, out);
-    default: return weighted_values<16>(p, vbase, bt, L, rep, sc.data(), width, inv, out);
+  weighted_values<NV>(p, vbase, bt, L, rep, sc.data(), width, inv,
+                      static_cast<uint16_t*>(p.out) + (b * p.heads + g * rep) * D);
+}
+
+void run_bf16(const Problem& p, int64_t b, int64_t g, std::vector<float>& sc) {
+  switch (p.head_dim / 16) {
+    case 2: return task_bf16<2>(p, b, g, sc);
+    case 4: return task_bf16<4>(p, b, g, sc);
+    case 6: return task_bf16<6>(p, b, g, sc);
+    case 8: return task_bf16<8>(p, b, g, sc);
+    case 10: return task_bf16<10>(p, b, g, sc);
+    case 12: return task_bf16<12>(p, b, g, sc);
+    case 14: return task_bf16<14>(p, b, g, sc);
+    default: return task_bf16<16>(p, b, g, sc);
   }
 }
 #endif
@@ -456,7 +450,7 @@ int tf_decode_attention(int dtype, const void* q, int64_t q_stride, const void* 
       if (p.lens[b] <= 0) continue;
 #ifdef TF_HAVE_AVX512BF16
       if (fast) {
-        task_bf16(p, b, g, sc);
+        run_bf16(p, b, g, sc);
         continue;
       }
 #endif
