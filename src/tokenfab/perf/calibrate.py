@@ -47,6 +47,7 @@ class Measured:
     tokens_counted: str = "output"  # output | total (input + output)
     serving: str = ""  # aggregated | disaggregated | "" (not stated)
     spec_decoding: str = ""  # mtp | none | "" (not stated)
+    max_concurrency: int = 0  # the largest concurrency per server instance the source ran (0: not known)
 
     @property
     def comparable(self) -> bool:
@@ -70,7 +71,7 @@ def load_anchors(path: str | Path | None = None) -> list[Measured]:
                             int(row["isl"] or 1024), int(row["osl"] or 1024), row["metric"], float(row["value"]),
                             float(row["at_tok_s_user"]) if row["at_tok_s_user"] else None, devices, row["source"],
                             row.get("tokens_counted") or "output", row.get("serving") or "",
-                            row.get("spec_decoding") or ""))
+                            row.get("spec_decoding") or "", int(row.get("max_concurrency") or 0)))
     return out
 
 
@@ -80,15 +81,65 @@ def mode_for(m: Measured) -> str:
     return "disaggregated" if "disagg" in m.label.lower() else "aggregated"
 
 
+def configurations(cat: Catalog, m: Measured) -> list[Scenario]:
+    """The serving configurations a row's figure may come from, as its source describes them.
+
+    A stated serving mode and speculative decoding give one configuration. Where the source does not
+    say whether speculative decoding ran, its curve is the best over the configurations it ran
+    (InferenceX plots the frontier over its search space, and its DeepSeek-R1 search space includes
+    MTP runs), so for a model that ships MTP heads the prediction is the better of no drafts and one
+    MTP draft per step. (InferenceX also runs 2 and 3 drafts; at one acceptance rate for every draft
+    the model over-credits those, since it charges neither the lower acceptance of later drafts nor
+    their sequential draft passes, so they are left out.) A serving mode not stated is aggregated.
+    `max_concurrency` caps the concurrency per replica where the source says how far it swept.
+    """
+    model = cat.model(m.model)
+    mode = mode_for(m)
+    if m.spec_decoding == "mtp":
+        drafts = [1]
+    elif m.spec_decoding == "none" or not model.mtp_layers:
+        drafts = [0]
+    else:
+        drafts = [0, 1]
+    return [Scenario(model, cat.hw(m.hardware), m.precision, m.isl, m.osl, mode=mode, spec_tokens=k,
+                     max_concurrency=m.max_concurrency) for k in drafts]
+
+
+def throughput_at_speed(points: list, speed: float) -> float:
+    """tok/s per device at exactly `speed` tok/s per user on the Pareto frontier of `points`, read as
+    InferenceX reads its own runs: a monotone (PCHIP, like its Steffen splines) interpolation between
+    frontier points. 0 beyond the fastest point; the slowest point's throughput below it."""
+    from scipy.interpolate import PchipInterpolator
+
+    front: list = []
+    for p in sorted(points, key=lambda p: (-p.tok_s_user, -p.tok_s_device)):
+        if not front or p.tok_s_device > front[-1].tok_s_device:
+            front.append(p)
+    front.reverse()  # ascending speed, descending throughput
+    xs = [p.tok_s_user for p in front]
+    ys = [p.tok_s_device for p in front]
+    if speed > xs[-1]:
+        return 0.0
+    if speed <= xs[0] or len(xs) == 1:
+        return ys[0] if speed <= xs[0] else ys[-1]
+    return float(PchipInterpolator(np.log(xs), ys)(math.log(speed)))
+
+
 def predict(cat: Catalog, m: Measured, eff: Efficiency) -> float:
-    """The model's figure for `m`'s metric (a tok/s/GPU row with no stated speed gets the maximum)."""
-    s = Scenario(cat.model(m.model), cat.hw(m.hardware), m.precision, m.isl, m.osl, mode=mode_for(m),
-                 spec_tokens=1 if m.spec_decoding == "mtp" else 0)
-    curve = sweep(s, eff)
+    """The model's figure for `m`'s metric over `configurations(m)` (a tok/s/GPU row with no stated
+    speed gets the maximum)."""
+    points = []
+    for s in configurations(cat, m):
+        try:
+            points.extend(sweep(s, eff).points)
+        except CatalogError:
+            continue
+    if not points:
+        raise CatalogError(f"no configuration of {m.model} on {m.hardware} fits")
     if m.metric == "tok_s_user":
-        return max(p.tok_s_user for p in curve.points)
-    out = max(p.tok_s_device for p in curve.points) if m.at_tok_s_user is None else \
-        curve.throughput_at(m.at_tok_s_user)
+        return max(p.tok_s_user for p in points)
+    out = max(p.tok_s_device for p in points) if m.at_tok_s_user is None else \
+        throughput_at_speed(points, m.at_tok_s_user)
     return out * (1 + m.isl / m.osl) if m.tokens_counted == "total" else out
 
 

@@ -57,6 +57,13 @@ class Model:
     expert_params_b: float = 0.0
     experts: int = 0
     experts_active: int = 0
+    # Decode attention per head: dims of q.k and of the values it reads. 0 means head_dim; MLA run
+    # absorbed (DeepSeek) scores against the cached latent + rope part (576) and sums 512-wide values.
+    attn_qk_dim: int = 0
+    attn_v_dim: int = 0
+    sliding_window: int = 0  # tokens a sliding-window layer attends to (0: none)
+    sliding_layers: int = 0  # how many of the layers use that window
+    mtp_layers: int = 0  # multi-token-prediction heads shipped with the weights (speculative decoding drafts)
     aliases: tuple[str, ...] = ()
     source: str = ""
 
@@ -66,6 +73,16 @@ class Model:
 
     def kv_bytes_per_token(self, kv_bytes: float) -> float:
         return self.layers * self.kv_elems_per_token_layer * kv_bytes
+
+    def attended(self, context: float) -> float:
+        """Token-layers one new token attends to at `context`: sliding-window layers stop at their window."""
+        full = self.layers - self.sliding_layers
+        return full * context + self.sliding_layers * min(context, self.sliding_window or context)
+
+    def decode_attention_flops(self, tokens: float, context: float) -> float:
+        """FLOPs of decode attention for `tokens` new tokens at `context`: q.k and p.v per head."""
+        qk, v = self.attn_qk_dim or self.head_dim, self.attn_v_dim or self.head_dim
+        return 2.0 * tokens * self.attended(context) * self.heads * (qk + v)
 
 
 def _load(text: str, key: str, cls: type) -> list[Any]:

@@ -1,23 +1,30 @@
 """A roofline model of token production: prefill and decode step times, hence the throughput-interactivity Curve.
 
-Decode step (one replica of `n` devices, batch `b`, mean context L):
-    weights read = (dense params + expert params x fraction of experts touched by b tokens) x bytes/param
-    KV read      = b x L x KV bytes per token
-    t_mem        = (weights + KV) / (n x memory bandwidth x eff_mem)
-    t_compute    = (2 x active params x b + attention FLOPs) / (n x peak FLOPS x eff_compute)
-    t_comm       = tensor-parallel all-reduces over the scale-up link (n > 1) + per-layer latency
-    t_step       = max(t_mem, t_compute) + t_comm + step_overhead_s
+Decode step (one replica of `n` devices, `b` sequences, mean context L, `p` prompt tokens riding along):
+    weights read = dense params + expert params x fraction of experts the step's tokens touch (MoE),
+                   x bytes/param; a prompt chunk adds the experts the decode tokens did not touch
+    t_matmul     = max(weights / (n x bandwidth x eff_mem),
+                       2 x active params x (b / eff_compute + p / eff_prefill) / (n x peak FLOPS))
+    t_attention  = max(b x attended(L) x KV bytes / (n x bandwidth x eff_mem),
+                       decode attention FLOPs / (n x bf16 peak x eff_compute))
+                   + the prompt chunk's own attention FLOPs at eff_prefill
+    t_comm       = all-reduces over the scale-up link (n > 1) + 2 x layers x layer_latency_s
+    t_step       = t_matmul + t_attention + t_comm + step_overhead_s
+Each kind of kernel is bound by its own resource and they run one after another, so the step sums a
+roofline per kind rather than taking one max over the whole step. attended(L) stops at the window on
+sliding-window layers; absorbed MLA (DeepSeek) attends over the 576-wide latent.
 MoE models on n > 1 devices may instead run expert-parallel with data-parallel attention (dense
 weights whole on every device, experts split n ways, an all-to-all dispatch and combine per layer);
 a step takes whichever layout is faster.
-Prefill per request: 2 x active params x ISL + causal attention FLOPs at eff_prefill.
 Speculative decoding (MTP / draft tokens): each step verifies k draft tokens per sequence (compute for
 1 + k tokens, weights and KV read once) and emits on average E = 1 + a + ... + a^k tokens, a the
 acceptance rate; tok/s per user = E / step.
-Aggregated serving interleaves prefill into decode: effective step = t_step + (b E / OSL) x t_prefill.
-Disaggregated: decode runs pure steps; a prefill pool sized to keep up adds devices; TTFT adds the
-KV transfer. SRAM decode (LPU-style): weights spread over enough chips' SRAM, decode bounded by
-SRAM bandwidth, compute and a per-layer chip-to-chip hop; a GPU pool does prefill and attention.
+Aggregated serving (chunked prefill): in steady state b x E / OSL prompts start per step, so p = b x E x
+ISL / OSL prompt tokens share each step's weight read. TTFT = one prompt's prefill pass + a step.
+Disaggregated: decode runs pure steps; a prefill pool sized to keep up adds devices, its passes
+batching prompts up to `prefill_chunk_tokens`; TTFT adds the KV transfer. SRAM decode (LPU-style):
+weights spread over enough chips' SRAM, decode bounded by SRAM bandwidth, compute and a per-layer
+chip-to-chip hop; a GPU pool does prefill and attention.
 Every efficiency is a named parameter (`Efficiency`) with a default; `calibrate` fits them.
 """
 
@@ -33,13 +40,19 @@ from tokenfab.perf.catalog import BYTES_PER_PARAM, CatalogError, Hardware, Model
 
 @dataclass(frozen=True)
 class Efficiency:
-    eff_mem: float = 0.70  # achieved / peak memory bandwidth in decode
-    eff_compute: float = 0.45  # achieved / peak FLOPS in decode
-    eff_prefill: float = 0.55  # achieved / peak FLOPS in prefill
-    eff_comm: float = 0.60  # achieved / peak scale-up bandwidth
-    step_overhead_s: float = 0.002  # fixed per decode step (launches, sampling, scheduling)
-    layer_latency_s: float = 3e-6  # per layer per all-reduce or chip hop
-    mem_headroom: float = 0.90  # usable fraction of device memory
+    """Named efficiencies. The five fitted ones default to a fit on all 28 scored anchors.csv rows
+    (`benchmarks/perf_accuracy.py`, 2026-11-29; docs/performance.md): public measurements of B200,
+    GB200 and H200 serving, so they describe tuned stacks (TensorRT-LLM, SGLang, vLLM) on those parts.
+    eff_compute comes out low because it also carries per-token decode costs the roofline has no term
+    for (small-tile and grouped MoE matmuls, routing, sampling); it is the least physical of the five."""
+
+    eff_mem: float = 0.53  # achieved / peak memory bandwidth in decode
+    eff_compute: float = 0.09  # achieved / peak FLOPS for decode tokens (see above)
+    eff_prefill: float = 0.79  # achieved / peak FLOPS for prompt tokens
+    eff_comm: float = 0.60  # achieved / peak scale-up bandwidth (not fitted)
+    step_overhead_s: float = 0.0004  # fixed per decode step (launches, sampling, scheduling)
+    layer_latency_s: float = 27e-6  # per layer per collective (all-reduce, all-to-all) or chip hop
+    mem_headroom: float = 0.90  # usable fraction of device memory (not fitted)
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,11 @@ class Scenario:
     prefill_hardware: Hardware | None = None  # sram-decode / disaggregated: the GPU pool (default: same)
     spec_tokens: int = 0  # draft tokens verified per decode step (MTP); 0 = no speculative decoding
     spec_acceptance: float = 0.85  # chance each draft token is accepted (DeepSeek-V3 report: 85-90% for MTP)
+    attn_precision: str = "bf16"  # precision decode/prefill attention computes in
+    # prompt tokens one forward pass takes (vLLM max_num_batched_tokens / SGLang chunked_prefill_size,
+    # commonly 8192 on large GPUs): aggregated chunks and disaggregated prefill batches share a weight read
+    prefill_chunk_tokens: int = 8192
+    max_concurrency: int = 0  # sequences one replica is run with at most (engine or benchmark limit; 0 = none)
 
     @property
     def tokens_per_step(self) -> float:
@@ -79,7 +97,9 @@ def weight_bytes(m: Model, bpp: float) -> float:
     return m.total_params_b * 1e9 * bpp
 
 
-def step_weight_bytes(m: Model, bpp: float, b: int) -> float:
+def step_weight_bytes(m: Model, bpp: float, b: float) -> float:
+    """Weight bytes a forward pass over `b` tokens reads: all of a dense model; a MoE model's dense part
+    plus the experts any of the tokens is routed to (routing taken as uniform)."""
     if not m.is_moe:
         return m.total_params_b * 1e9 * bpp
     dense = (m.total_params_b - m.expert_params_b) * 1e9
@@ -87,8 +107,9 @@ def step_weight_bytes(m: Model, bpp: float, b: int) -> float:
     return (dense + m.expert_params_b * 1e9 * touched) * bpp
 
 
-def attention_flops(m: Model, tokens: int, context: float) -> float:
-    return 4.0 * tokens * context * m.layers * m.heads * m.head_dim
+def attention_flops(m: Model, tokens: float, context: float) -> float:
+    """Prefill attention FLOPs (q.k and p.v over head_dim) for `tokens` tokens at mean `context`."""
+    return 4.0 * tokens * m.attended(context) * m.heads * m.head_dim
 
 
 def min_devices(s: Scenario, b: int, eff: Efficiency) -> int:
@@ -106,8 +127,16 @@ def check_fit(s: Scenario, n: int, b: int, eff: Efficiency) -> None:
                          f"{(need - have) / 1e9:,.0f} GB missing (use more devices, lower precision or fewer sequences)")
 
 
-def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | None = None) -> float:
+def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | None = None,
+                  prefill_tokens: float = 0.0) -> float:
     """Seconds per decode step of `b` sequences on `n` devices: the faster of the layouts that apply.
+
+    `prefill_tokens` are prompt tokens computed in the same forward pass (aggregated serving with
+    chunked prefill): they add compute (at `eff_prefill`) and collective traffic, and a chunk reads the
+    weights the decode tokens did not touch (a MoE model's other experts), once per chunk of
+    `min(isl, prefill_chunk_tokens)` tokens; the weights the step reads anyway are not read twice.
+    Decode attention runs at the `attn_precision` peak (the serving stacks' decode attention kernels
+    compute in bf16 over an fp8 cache); sliding-window layers read only their window.
 
     Tensor parallel (any model): weights and KV split n ways, two all-reduces per layer.
     Expert parallel with data-parallel attention (MoE models, n > 1; how DeepSeek-R1 is served
@@ -120,33 +149,59 @@ def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | N
     m = s.model
     ctx = s.isl + s.osl / 2
     tok = b * (1 + s.spec_tokens)  # tokens computed this step (drafts are verified alongside)
+    moved = tok + prefill_tokens  # tokens whose hidden states cross the collectives
     bw = h.mem_bw_tb_s * 1e12 * eff.eff_mem
     link = h.scaleup_bw_gb_s * 1e9 * eff.eff_comm
-    kv_bytes = b * ctx * m.kv_bytes_per_token(s.kv_bpp)
-    t_mem = (step_weight_bytes(m, s.bpp, tok) + kv_bytes) / (n * bw)
-    flops = 2.0 * m.active_params_b * 1e9 * tok + attention_flops(m, tok, ctx)
-    t_comp = flops / (n * h.peak_tflops(s.precision) * 1e12 * eff.eff_compute)
+    kv_bytes = b * m.attended(ctx) * m.kv_elems_per_token_layer * s.kv_bpp
+    w_dec = step_weight_bytes(m, s.bpp, tok)
+    w_pre = 0.0
+    if prefill_tokens > 0:
+        chunk = min(s.isl, s.prefill_chunk_tokens)
+        w_pre = min(1.0, prefill_tokens / chunk) * (step_weight_bytes(m, s.bpp, tok + chunk) - w_dec)
+    peak = h.peak_tflops(s.precision) * 1e12
+    attn_peak = h.peak_tflops(s.attn_precision) * 1e12
+    # each kind of kernel is bound by its own resource and they run one after another, so the step sums
+    # a roofline per kind: the weight matmuls (weights read once for decode and prefill tokens together)
+    # and attention (decode over each sequence's cache; a prefill chunk's own attention)
+    lin_flops_s = 2.0 * m.active_params_b * 1e9 * (tok / eff.eff_compute + prefill_tokens / eff.eff_prefill) / peak
+    t_attn = max(kv_bytes / bw, m.decode_attention_flops(tok, ctx) / (attn_peak * eff.eff_compute)) + \
+        attention_flops(m, prefill_tokens, s.isl / 2) / (attn_peak * eff.eff_prefill)
+    t_lin = max((w_dec + w_pre) / bw, lin_flops_s)
     t_comm = 0.0
     if n > 1:
-        ar_bytes = 2 * m.layers * tok * m.hidden * 2 * 2 * (n - 1) / n  # two all-reduces per layer, bf16
+        ar_bytes = 2 * m.layers * moved * m.hidden * 2 * 2 * (n - 1) / n  # two all-reduces per layer, bf16
         t_comm = ar_bytes / link + 2 * m.layers * eff.layer_latency_s
-    t_tp = max(t_mem, t_comp) + t_comm
+    t_tp = (t_lin + t_attn) / n + t_comm
     if not (m.is_moe and n > 1):
         return t_tp + eff.step_overhead_s
     dense_bytes = (m.total_params_b - m.expert_params_b) * 1e9 * s.bpp
-    expert_bytes = step_weight_bytes(m, s.bpp, tok) - dense_bytes
-    t_mem_ep = dense_bytes / bw + (expert_bytes + kv_bytes) / (n * bw)
-    a2a_bytes = tok / n * m.layers * m.experts_active * m.hidden * 3 * (n - 1) / n
-    t_ep = max(t_mem_ep, t_comp) + a2a_bytes / link + 2 * m.layers * eff.layer_latency_s
+    t_lin_ep = max(dense_bytes / bw + (w_dec + w_pre - dense_bytes) / (n * bw), lin_flops_s / n)
+    a2a_bytes = moved / n * m.layers * m.experts_active * m.hidden * 3 * (n - 1) / n
+    t_ep = t_lin_ep + t_attn / n + a2a_bytes / link + 2 * m.layers * eff.layer_latency_s
     return min(t_tp, t_ep) + eff.step_overhead_s
 
 
-def prefill_s(s: Scenario, n: int, eff: Efficiency, hw: Hardware | None = None) -> float:
+def prefill_pass(s: Scenario, n: int, eff: Efficiency, hw: Hardware | None = None) -> tuple[float, int]:
+    """A dedicated prefill forward pass on `n` devices: (seconds, prompts in it). A pass batches as many
+    whole prompts as fit in `prefill_chunk_tokens` (at least one), so its weight read is shared."""
     h = hw or s.hardware
     m = s.model
-    flops = 2.0 * m.active_params_b * 1e9 * s.isl + attention_flops(m, s.isl, s.isl / 2)
-    return flops / (n * h.peak_tflops(s.precision) * 1e12 * eff.eff_prefill) + weight_bytes(m, s.bpp) / (
-        n * h.mem_bw_tb_s * 1e12 * eff.eff_mem)
+    prompts = max(1, s.prefill_chunk_tokens // s.isl)
+    tokens = prompts * s.isl
+    flops = 2.0 * m.active_params_b * 1e9 * tokens / h.peak_tflops(s.precision) + attention_flops(
+        m, tokens, s.isl / 2) / h.peak_tflops(s.attn_precision)
+    t_comp = flops / (n * 1e12 * eff.eff_prefill)
+    t_mem = step_weight_bytes(m, s.bpp, tokens) / (n * h.mem_bw_tb_s * 1e12 * eff.eff_mem)
+    t_comm = 0.0
+    if n > 1:
+        t_comm = 2 * m.layers * tokens * m.hidden * 2 * 2 * (n - 1) / n / (h.scaleup_bw_gb_s * 1e9 * eff.eff_comm)
+    return max(t_comp, t_mem) + t_comm, prompts
+
+
+def prefill_s(s: Scenario, n: int, eff: Efficiency, hw: Hardware | None = None) -> float:
+    """Seconds of a prefill pass per prompt in it (the device time one request's prefill costs)."""
+    t, prompts = prefill_pass(s, n, eff, hw)
+    return t / prompts
 
 
 def point(s: Scenario, n: int, b: int, eff: Efficiency = Efficiency()) -> OperatingPoint:
@@ -157,24 +212,27 @@ def point(s: Scenario, n: int, b: int, eff: Efficiency = Efficiency()) -> Operat
     if s.mode == "sram-decode":
         return _sram_point(s, n, b, eff)
     check_fit(s, n, b, eff)
-    t_step = decode_step_s(s, n, b, eff)
-    t_pre = prefill_s(s, n, eff)
     kw = h.kw_all_in
     e = s.tokens_per_step
     if s.mode == "aggregated":
-        step = t_step + (b * e / s.osl) * t_pre
+        # steady state: b x e / osl prompts finish (and start) per step, their prompt tokens ride along
+        t_step = decode_step_s(s, n, b, eff, prefill_tokens=b * e * s.isl / s.osl)
+        t_pre, _ = prefill_pass(replace(s, prefill_chunk_tokens=s.isl), n, eff)  # a prompt on its own
+        step = t_step
         devices = n
         ttft = t_pre + t_step
     elif s.mode == "disaggregated":
+        t_step = decode_step_s(s, n, b, eff)
         ph = s.prefill_hardware or h
         np_ = min_devices(replace(s, hardware=ph), 1, eff)
-        t_pre = prefill_s(s, np_, eff, ph)
+        t_pass, prompts = prefill_pass(s, np_, eff, ph)
+        t_pre = t_pass / prompts
         step = t_step
         req_rate = b * e / (s.osl * t_step)  # requests/s one decode replica finishes
         prefill_devices = np_ * req_rate * t_pre  # devices busy prefilling to keep up
         devices = n + prefill_devices
         kv_bytes = s.isl * m.kv_bytes_per_token(s.kv_bpp)
-        ttft = t_pre + kv_bytes / (min(h.scaleup_bw_gb_s, ph.scaleup_bw_gb_s) * 1e9 * eff.eff_comm)
+        ttft = t_pass + kv_bytes / (min(h.scaleup_bw_gb_s, ph.scaleup_bw_gb_s) * 1e9 * eff.eff_comm)
         kw = (n * h.kw_all_in + prefill_devices * ph.kw_all_in) / devices
     else:
         raise CatalogError(f"mode {s.mode!r}: aggregated, disaggregated or sram-decode")
@@ -207,11 +265,11 @@ def _sram_point(s: Scenario, n_gpu: int, b: int, eff: Efficiency) -> OperatingPo
     t_w = step_weight_bytes(m, s.bpp, tok) / (chips * lpu.mem_bw_tb_s * 1e12 * eff.eff_mem)
     t_c = 2.0 * m.active_params_b * 1e9 * tok / (chips * lpu.peak_tflops(s.precision) * 1e12 * eff.eff_compute)
     t_hops = m.layers * eff.layer_latency_s  # the token crosses chip boundaries layer by layer
-    kv_bytes = b * ctx * m.kv_bytes_per_token(s.kv_bpp)
+    kv_bytes = b * m.attended(ctx) * m.kv_elems_per_token_layer * s.kv_bpp
     gs = replace(s, hardware=gpu)
     check_fit(replace(gs, model=replace(m, total_params_b=0.0)), n_gpu, b, eff)  # the GPUs hold only KV
-    t_attn = kv_bytes / (n_gpu * gpu.mem_bw_tb_s * 1e12 * eff.eff_mem) + attention_flops(m, tok, ctx) / (
-        n_gpu * gpu.peak_tflops(s.precision) * 1e12 * eff.eff_compute)
+    t_attn = kv_bytes / (n_gpu * gpu.mem_bw_tb_s * 1e12 * eff.eff_mem) + m.decode_attention_flops(tok, ctx) / (
+        n_gpu * gpu.peak_tflops(s.attn_precision) * 1e12 * eff.eff_compute)
     t_step = max(t_w, t_c) + t_attn + t_hops + eff.step_overhead_s
     t_pre = prefill_s(gs, n_gpu, eff)
     step = t_step + (b * e / s.osl) * t_pre
@@ -239,6 +297,8 @@ def sweep(s: Scenario, eff: Efficiency = Efficiency(), concurrencies: list[int] 
     last_error: CatalogError | None = None
     for n in ps:
         for b in cs:
+            if s.max_concurrency and b > s.max_concurrency:
+                continue
             try:
                 pts.append(point(s, n, b, eff))
             except DoesNotFit as exc:
