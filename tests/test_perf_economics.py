@@ -196,3 +196,8 @@ def test_plan_and_curve_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tokenfab.cli", "curve", "--hardware", "H20", "--model", "DeepSeek-R1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "did you mean H200" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    capped = subprocess.run([sys.executable, "-m", "tokenfab.cli", "curve", "--hardware", "B200", "--model",
+                             "gpt-oss-120b", "--max-concurrency", "8"], capture_output=True, text=True, timeout=60)
+    assert capped.returncode == 0, capped.stderr
+    concs = [int(line.split()[1]) for line in capped.stdout.splitlines()[2:]]
+    assert concs and max(concs) <= 8

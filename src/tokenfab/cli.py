@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="speculative decoding (MTP): draft tokens verified per decode step (default 0: none)")
     cv.add_argument("--spec-acceptance", type=float, default=0.85,
                     help="chance each draft token is accepted (default 0.85, DeepSeek-V3's MTP)")
+    cv.add_argument("--max-concurrency", type=int, default=0,
+                    help="most sequences a replica runs (an engine's or benchmark's limit; default: none)")
     cv.add_argument("--catalog", action="append", default=[], help="extra YAML with hardware:/models: entries")
     cv.add_argument("--out", default=None, help="write the Curve JSON and a PNG chart here (path without suffix)")
     pl = sub.add_parser("plan", help="plan a factory: power split across tiers and hardware, revenue, cost")
@@ -378,8 +380,11 @@ def cmd_curve(ns: argparse.Namespace) -> int:
         par = [int(x) for x in ns.parallelism.split(",")] if ns.parallelism else None
         if ns.spec_tokens < 0 or not 0.0 <= ns.spec_acceptance <= 1.0:
             raise ValueError("--spec-tokens must be >= 0 and --spec-acceptance within [0, 1]")
+        if ns.max_concurrency < 0:
+            raise ValueError("--max-concurrency must be >= 0 (0: no limit)")
         curve = sweep(Scenario(model, hw, prec, ns.isl, ns.osl, mode=ns.mode, prefill_hardware=pre,
-                               spec_tokens=ns.spec_tokens, spec_acceptance=ns.spec_acceptance), parallelisms=par)
+                               spec_tokens=ns.spec_tokens, spec_acceptance=ns.spec_acceptance,
+                               max_concurrency=ns.max_concurrency), parallelisms=par)
     except (CatalogError, ValueError, KeyError) as exc:
         raise UsageError(f"tokenfab curve: {str(exc).splitlines()[0]}") from None
     front = curve.frontier()
