@@ -201,3 +201,51 @@ def test_plan_and_curve_cli(tmp_path):
     assert capped.returncode == 0, capped.stderr
     concs = [int(line.split()[1]) for line in capped.stdout.splitlines()[2:]]
     assert concs and max(concs) <= 8
+
+
+def test_calibrate_cli_fits_a_measured_bench_curve(tmp_path):
+    """`tokenfab calibrate` on a real `tokenfab bench` run of this project's engine (committed in docs/),
+    then the fitted efficiencies drive `tokenfab curve`; bad files and names exit 2 with one line."""
+    import json
+    from pathlib import Path
+
+    summary = Path(__file__).resolve().parent.parent / "docs" / "img" / "bench-run" / "summary.json"
+    out = tmp_path / "eff.json"
+    cli = [sys.executable, "-m", "tokenfab.cli"]
+    r = subprocess.run(cli + ["calibrate", "--curve", str(summary), "--hardware", "CPU-2core", "--model",
+                              "SmolLM2-135M", "--fit", "eff_mem,eff_compute,eff_prefill,step_overhead_s",
+                              "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["rows"] == 7 and data["fitted"] == ["eff_mem", "eff_compute", "eff_prefill", "step_overhead_s"]
+    assert data["median_abs_error_fitted"] < data["median_abs_error_default"]
+    assert data["efficiency"]["layer_latency_s"] == Efficiency().layer_latency_s  # not fitted, kept
+    c = subprocess.run(cli + ["curve", "--hardware", "CPU-2core", "--model", "SmolLM2-135M", "--precision", "bf16",
+                              "--isl", "128", "--osl", "64", "--efficiency", str(out)],
+                       capture_output=True, text=True, timeout=60)
+    assert c.returncode == 0, c.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"eff_mem": -1}')
+    b = subprocess.run(cli + ["claims", "--efficiency", str(bad)], capture_output=True, text=True, timeout=60)
+    assert b.returncode == 2 and "eff_mem must be non-negative" in b.stderr and len(b.stderr.strip().splitlines()) == 1
+    f = subprocess.run(cli + ["calibrate", "--fit", "eff_bogus"], capture_output=True, text=True, timeout=60)
+    assert f.returncode == 2 and "cannot fit eff_bogus" in f.stderr
+
+
+def test_measured_curve_rows_cap_the_sweep_at_the_runs_concurrency(tmp_path):
+    import json
+
+    from tokenfab.perf.calibrate import load_efficiency, measured_from_curve
+
+    pts = (OperatingPoint(1, 50.0, 40.0), OperatingPoint(8, 20.0, 150.0), OperatingPoint(16, 0.0, 0.0))
+    rows = measured_from_curve(Curve("run", pts, Provenance("measured", "t", "t", "now")), "CPU-2core",
+                               "SmolLM2-135M", "bf16", 128, 64)
+    # the point with no throughput is left out, and so is its concurrency from the cap
+    assert [(r.value, r.at_tok_s_user, r.max_concurrency) for r in rows] == [(40.0, 50.0, 8), (150.0, 20.0, 8)]
+    assert all(r.comparable and r.serving == "aggregated" and r.spec_decoding == "none" for r in rows)
+    f = tmp_path / "e.json"
+    f.write_text(json.dumps({"efficiency": {"nope": 1}}))
+    with pytest.raises(CatalogError, match="unknown efficiency nope"):
+        load_efficiency(f)
+    f.write_text(json.dumps({"eff_mem": 0.8}))
+    assert load_efficiency(f) == Efficiency(eff_mem=0.8)

@@ -77,6 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default="plan-out", help="folder for plan.md and charts")
     cl = sub.add_parser("claims", help="recompute the keynote's claims with the performance model")
     cl.add_argument("--out", default=None, help="folder for claims.md and charts")
+    for p in (cv, pl, cl):
+        p.add_argument("--efficiency", default=None,
+                       help="JSON of efficiencies (from `tokenfab calibrate --out`; default: the built-in fit)")
+    ca = sub.add_parser("calibrate", help="fit the performance model's efficiencies to measured points")
+    ca.add_argument("--anchors", action="append", default=[],
+                    help="CSV of measured rows, anchors.csv's columns (default: the package's anchors.csv)")
+    ca.add_argument("--curve", action="append", default=[],
+                    help="a measured Curve JSON (a `tokenfab bench` summary.json); needs --hardware and --model")
+    ca.add_argument("--hardware", default=None, help="hardware the --curve runs were measured on")
+    ca.add_argument("--model", default=None, help="model the --curve runs served")
+    ca.add_argument("--precision", default="bf16", help="weight precision of the --curve runs (default bf16)")
+    ca.add_argument("--isl", type=int, default=None, help="prompt tokens of the --curve runs (default: from the run)")
+    ca.add_argument("--osl", type=int, default=None, help="output tokens of the --curve runs (default: from the run)")
+    ca.add_argument("--fit", default=None,
+                    help="comma-separated efficiencies to fit (default: eff_mem,eff_compute,eff_prefill,"
+                         "layer_latency_s; one device: use step_overhead_s instead of layer_latency_s)")
+    ca.add_argument("--catalog", action="append", default=[], help="extra YAML with hardware:/models: entries")
+    ca.add_argument("--out", default=None, help="write the fitted efficiencies here (JSON)")
     for p in (keys, us):
         p.add_argument("--config", default=None, help="path to tokenfab.yaml")
         p.add_argument("--ledger-url", dest="ledger_url", default=None, help="ledger database URL")
@@ -384,7 +402,7 @@ def cmd_curve(ns: argparse.Namespace) -> int:
             raise ValueError("--max-concurrency must be >= 0 (0: no limit)")
         curve = sweep(Scenario(model, hw, prec, ns.isl, ns.osl, mode=ns.mode, prefill_hardware=pre,
                                spec_tokens=ns.spec_tokens, spec_acceptance=ns.spec_acceptance,
-                               max_concurrency=ns.max_concurrency), parallelisms=par)
+                               max_concurrency=ns.max_concurrency), _efficiency(ns, "curve"), parallelisms=par)
     except (CatalogError, ValueError, KeyError) as exc:
         raise UsageError(f"tokenfab curve: {str(exc).splitlines()[0]}") from None
     front = curve.frontier()
@@ -408,8 +426,9 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     from tokenfab.economics.planner import PlanError
     from tokenfab.economics.report import run_plan
 
+    eff = _efficiency(ns, "plan")
     try:
-        _, text = run_plan(ns.factory, Path(ns.out))
+        _, text = run_plan(ns.factory, Path(ns.out), eff)
     except PlanError as exc:
         raise UsageError(f"tokenfab plan: {exc}") from None
     print(text)
@@ -421,9 +440,8 @@ def cmd_claims(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tokenfab.economics.claims import charts_for, compute, markdown
-    from tokenfab.perf.model import Efficiency
 
-    eff = Efficiency()
+    eff = _efficiency(ns, "claims")
     rows, systems = compute(eff=eff)
     text = markdown(rows, systems, eff)
     if ns.out:
@@ -437,11 +455,88 @@ def cmd_claims(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _efficiency(ns: argparse.Namespace, cmd: str):  # type: ignore[no-untyped-def]
+    """--efficiency FILE, or the built-in defaults."""
+    from tokenfab.perf.calibrate import load_efficiency
+    from tokenfab.perf.catalog import CatalogError
+    from tokenfab.perf.model import Efficiency
+
+    if not ns.efficiency:
+        return Efficiency()
+    try:
+        return load_efficiency(ns.efficiency)
+    except CatalogError as exc:
+        raise UsageError(f"tokenfab {cmd}: {exc}") from None
+
+
+def cmd_calibrate(ns: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import statistics
+    from pathlib import Path
+
+    from tokenfab.curve import Curve
+    from tokenfab.perf.calibrate import FIT, calibrate, errors, load_anchors, measured_from_curve, predictable
+    from tokenfab.perf.catalog import Catalog, CatalogError
+    from tokenfab.perf.model import Efficiency
+
+    try:
+        cat = Catalog.default(ns.catalog)
+        rows = []
+        for path in ns.anchors:
+            rows += load_anchors(path)
+        for path in ns.curve:
+            if not (ns.hardware and ns.model):
+                raise ValueError("--curve needs --hardware and --model (what the run measured)")
+            try:
+                data = json.loads(Path(path).read_text())
+                curve = Curve.from_dict(data)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"--curve {path}: {str(exc).splitlines()[0]}") from None
+            work = curve.provenance.details.get("workload", {}) if isinstance(curve.provenance.details, dict) else {}
+            isl, osl = ns.isl or _int_or_none(work.get("input_len")), ns.osl or _int_or_none(work.get("output_len"))
+            if not (isl and osl):
+                raise ValueError(f"--curve {path}: the run does not say its lengths; give --isl and --osl")
+            cat.hw(ns.hardware), cat.model(ns.model)  # unknown names fail here, with suggestions
+            rows += measured_from_curve(curve, ns.hardware, ns.model, ns.precision, isl, osl)
+        if not ns.anchors and not ns.curve:
+            rows = load_anchors()
+        fit = tuple(x.strip() for x in ns.fit.split(",") if x.strip()) if ns.fit else FIT
+        base = Efficiency()
+        scored = [r for r in rows if r.comparable and predictable(cat, r, base)]
+        fitted = calibrate(cat, scored, base, fit)
+    except (CatalogError, ValueError, KeyError) as exc:
+        raise UsageError(f"tokenfab calibrate: {str(exc).splitlines()[0]}") from None
+    before, after = errors(cat, scored, base), errors(cat, scored, fitted)
+    print(f"{'row':<48} {'at tok/s/user':>13} {'measured':>11} {'default':>11} {'error':>7} {'fitted':>11} {'error':>7}")
+    for r, a, b in zip(scored, before, after):
+        at = f"{r.at_tok_s_user:.1f}" if r.at_tok_s_user else "max"
+        print(f"{r.label[:48]:<48} {at:>13} {r.value:11,.1f} {r.value * (1 + a):11,.1f} {a:+7.0%} "
+              f"{r.value * (1 + b):11,.1f} {b:+7.0%}")
+    med0, med1 = statistics.median(abs(e) for e in before), statistics.median(abs(e) for e in after)
+    print(f"{len(scored)} rows: median absolute error {med0:.0%} with the defaults, {med1:.0%} fitted "
+          f"(in-sample: hold rows out to test a fit)")
+    print("fitted: " + ", ".join(f"{k}={getattr(fitted, k):.4g}" for k in fit))
+    if ns.out:
+        Path(ns.out).write_text(json.dumps({
+            "efficiency": dataclasses.asdict(fitted), "fitted": list(fit), "rows": len(scored),
+            "median_abs_error_default": med0, "median_abs_error_fitted": med1}, indent=2) + "\n")
+        print(f"wrote {ns.out} (use it with --efficiency on curve, plan and claims)")
+    return 0
+
+
+def _int_or_none(v: object) -> int | None:
+    try:
+        return int(str(v))
+    except (TypeError, ValueError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         ns = build_parser().parse_args(argv)
         return {"serve": cmd_serve, "bench": cmd_bench, "keys": cmd_keys, "usage": cmd_usage, "curve": cmd_curve,
-                "plan": cmd_plan, "claims": cmd_claims}[ns.command](ns)
+                "plan": cmd_plan, "claims": cmd_claims, "calibrate": cmd_calibrate}[ns.command](ns)
     except (UsageError, ConfigError) as exc:
         print(str(exc).splitlines()[0] if str(exc) else "usage error", file=sys.stderr)
         return 2

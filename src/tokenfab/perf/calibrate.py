@@ -15,14 +15,16 @@ then `least_squares`; step_overhead_s keeps the start's value (see FIT).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from tokenfab.curve import Curve
 from tokenfab.perf.catalog import Catalog, CatalogError
 from tokenfab.perf.model import Efficiency, Scenario, sweep
 
@@ -166,8 +168,10 @@ def errors(cat: Catalog, points: list[Measured], eff: Efficiency) -> list[float]
     return out
 
 
-def calibrate(cat: Catalog, points: list[Measured], start: Efficiency = Efficiency()) -> Efficiency:
-    """Fit FIT to `points`: a global search (differential evolution, seeded) then a local polish.
+def calibrate(cat: Catalog, points: list[Measured], start: Efficiency = Efficiency(),
+              fit: tuple[str, ...] = FIT) -> Efficiency:
+    """Fit the efficiencies named in `fit` (any of BOUNDS; default FIT) to `points`, the others kept
+    at `start`'s: a global search (differential evolution, seeded) then a local polish.
 
     The objective is the sum of squared log errors. It is piecewise in the parameters (a prediction
     is read off a frontier of discrete operating points), which traps a local method alone in the
@@ -175,10 +179,15 @@ def calibrate(cat: Catalog, points: list[Measured], start: Efficiency = Efficien
     """
     from scipy.optimize import differential_evolution, least_squares
 
+    unknown = [k for k in fit if k not in BOUNDS]
+    if unknown or not fit:
+        raise CatalogError(f"cannot fit {', '.join(unknown) or 'nothing'}: choose from {', '.join(BOUNDS)}")
     pts = [m for m in points if m.comparable and predictable(cat, m, start)]
-    lo = np.array([BOUNDS[k][0] for k in FIT])
-    hi = np.array([BOUNDS[k][1] for k in FIT])
-    logscale = np.array([k.endswith("_s") for k in FIT])  # times span decades: search their logarithm
+    if not pts:
+        raise CatalogError("no measured point the model can represent: nothing to fit")
+    lo = np.array([BOUNDS[k][0] for k in fit])
+    hi = np.array([BOUNDS[k][1] for k in fit])
+    logscale = np.array([k.endswith("_s") for k in fit])  # times span decades: search their logarithm
 
     def to_params(z: np.ndarray) -> np.ndarray:
         return np.where(logscale, np.exp(z), z)
@@ -186,7 +195,7 @@ def calibrate(cat: Catalog, points: list[Measured], start: Efficiency = Efficien
     zlo, zhi = np.where(logscale, np.log(lo), lo), np.where(logscale, np.log(hi), hi)
 
     def resid(z: np.ndarray) -> np.ndarray:
-        eff = replace(start, **dict(zip(FIT, to_params(z))))
+        eff = replace(start, **dict(zip(fit, to_params(z))))
         r = []
         for m in pts:
             try:
@@ -200,7 +209,40 @@ def calibrate(cat: Catalog, points: list[Measured], start: Efficiency = Efficien
                                   maxiter=25, popsize=8, tol=1e-3, polish=False)
     res = least_squares(resid, best.x, bounds=(zlo, zhi), diff_step=0.02)
     z = res.x if np.sum(res.fun**2) <= best.fun else best.x
-    return replace(start, **dict(zip(FIT, to_params(z))))
+    return replace(start, **{k: float(v) for k, v in zip(fit, to_params(z))})
+
+
+def measured_from_curve(curve: Curve, hardware: str, model: str, precision: str, isl: int,
+                        osl: int) -> list[Measured]:
+    """A measured Curve (a `tokenfab bench` summary) as calibration rows: each point's output tok/s per
+    device at its tok/s per user, aggregated serving, no speculative decoding, and the sweep capped at
+    the highest concurrency the run served (the model is not credited with batches never measured)."""
+    pts = [p for p in curve.points if p.tok_s_device > 0 and p.tok_s_user > 0]
+    if not pts:
+        raise CatalogError(f"curve {curve.name!r} has no point with throughput")
+    cap = int(max(p.concurrency for p in pts))
+    return [Measured(f"concurrency {p.concurrency:g}: {curve.name}", hardware, model, precision, isl, osl,
+                     "tok_s_gpu", p.tok_s_device, p.tok_s_user, None, curve.provenance.source, "output",
+                     "aggregated", "none", cap) for p in pts]
+
+
+def load_efficiency(path: str | Path) -> Efficiency:
+    """Efficiencies from a JSON file `tokenfab calibrate --out` wrote (or a flat {name: value} object)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise CatalogError(f"cannot read efficiencies from {path}: {exc}") from None
+    data = data.get("efficiency", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise CatalogError(f"{path}: expected a JSON object of efficiencies")
+    known = {f.name for f in fields(Efficiency)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CatalogError(f"{path}: unknown efficiency {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    bad = [k for k, v in data.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0]
+    if bad:
+        raise CatalogError(f"{path}: {', '.join(bad)} must be non-negative numbers")
+    return Efficiency(**{k: float(v) for k, v in data.items()})
 
 
 def split(points: list[Measured], cat: Catalog | None = None) -> tuple[list[Measured], list[Measured]]:
