@@ -476,7 +476,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tokenfab.curve import Curve
-    from tokenfab.perf.calibrate import FIT, calibrate, errors, load_anchors, measured_from_curve, predictable
+    from tokenfab.perf.calibrate import FIT, calibrate, errors, load_anchors, measured_from_curve, scorable
     from tokenfab.perf.catalog import Catalog, CatalogError
     from tokenfab.perf.model import Efficiency
 
@@ -489,8 +489,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
             if not (ns.hardware and ns.model):
                 raise ValueError("--curve needs --hardware and --model (what the run measured)")
             try:
-                data = json.loads(Path(path).read_text())
-                curve = Curve.from_dict(data)
+                curve = Curve.load(path)
             except (OSError, ValueError) as exc:
                 raise ValueError(f"--curve {path}: {str(exc).splitlines()[0]}") from None
             work = curve.provenance.details.get("workload", {}) if isinstance(curve.provenance.details, dict) else {}
@@ -503,7 +502,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
             rows = load_anchors()
         fit = tuple(x.strip() for x in ns.fit.split(",") if x.strip()) if ns.fit else FIT
         base = Efficiency()
-        scored = [r for r in rows if r.comparable and predictable(cat, r, base)]
+        scored = scorable(cat, rows, base)
         fitted = calibrate(cat, scored, base, fit)
     except (CatalogError, ValueError, KeyError) as exc:
         raise UsageError(f"tokenfab calibrate: {str(exc).splitlines()[0]}") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -36,6 +37,17 @@ class Provenance:
     details: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
+def pareto(points: Iterable[OperatingPoint]) -> tuple[OperatingPoint, ...]:
+    """The Pareto set of `points` (tok/s per user against tok/s per device), by ascending speed."""
+    keep: list[OperatingPoint] = []
+    best_y = float("-inf")
+    for p in sorted(points, key=lambda p: (-p.tok_s_user, -p.tok_s_device)):
+        if p.tok_s_device > best_y:
+            keep.append(p)
+            best_y = p.tok_s_device
+    return tuple(reversed(keep))
+
+
 @dataclass(frozen=True)
 class Curve:
     name: str
@@ -44,14 +56,7 @@ class Curve:
 
     def frontier(self) -> Curve:
         """Pareto set: no other point is at least as good on both axes and better on one."""
-        pts = sorted(self.points, key=lambda p: (-p.tok_s_user, -p.tok_s_device))
-        keep: list[OperatingPoint] = []
-        best_y = float("-inf")
-        for p in pts:
-            if p.tok_s_device > best_y:
-                keep.append(p)
-                best_y = p.tok_s_device
-        return replace(self, points=tuple(sorted(keep, key=lambda p: p.tok_s_user)))
+        return replace(self, points=pareto(self.points))
 
     def throughput_at(self, min_tok_s_user: float) -> float:
         """Best tok/s per device among points that give every user at least `min_tok_s_user`; 0 if none."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenfab.curve import Curve
+from tokenfab.curve import Curve, OperatingPoint, pareto
 from tokenfab.perf.catalog import Catalog, CatalogError
 from tokenfab.perf.model import Efficiency, Scenario, sweep
 
@@ -110,17 +110,13 @@ def configurations(cat: Catalog, m: Measured) -> list[Scenario]:
                      max_concurrency=m.max_concurrency) for k in drafts]
 
 
-def throughput_at_speed(points: list, speed: float) -> float:
+def throughput_at_speed(points: list[OperatingPoint], speed: float) -> float:
     """tok/s per device at exactly `speed` tok/s per user on the Pareto frontier of `points`, read as
     InferenceX reads its own runs: a monotone (PCHIP, like its Steffen splines) interpolation between
     frontier points. 0 beyond the fastest point; the slowest point's throughput below it."""
     from scipy.interpolate import PchipInterpolator
 
-    front: list = []
-    for p in sorted(points, key=lambda p: (-p.tok_s_user, -p.tok_s_device)):
-        if not front or p.tok_s_device > front[-1].tok_s_device:
-            front.append(p)
-    front.reverse()  # ascending speed, descending throughput
+    front = pareto(points)  # ascending speed, descending throughput
     xs = [p.tok_s_user for p in front]
     ys = [p.tok_s_device for p in front]
     if speed > xs[-1]:
@@ -157,6 +153,11 @@ def predictable(cat: Catalog, m: Measured, eff: Efficiency = Efficiency()) -> bo
     return True
 
 
+def scorable(cat: Catalog, points: list[Measured], eff: Efficiency = Efficiency()) -> list[Measured]:
+    """The rows a prediction can be compared with: a speed (or curve end) stated, and representable."""
+    return [m for m in points if m.comparable and predictable(cat, m, eff)]
+
+
 def errors(cat: Catalog, points: list[Measured], eff: Efficiency) -> list[float]:
     """Relative error of each prediction: predicted / measured - 1."""
     out = []
@@ -182,7 +183,7 @@ def calibrate(cat: Catalog, points: list[Measured], start: Efficiency = Efficien
     unknown = [k for k in fit if k not in BOUNDS]
     if unknown or not fit:
         raise CatalogError(f"cannot fit {', '.join(unknown) or 'nothing'}: choose from {', '.join(BOUNDS)}")
-    pts = [m for m in points if m.comparable and predictable(cat, m, start)]
+    pts = scorable(cat, points, start)
     if not pts:
         raise CatalogError("no measured point the model can represent: nothing to fit")
     lo = np.array([BOUNDS[k][0] for k in fit])
@@ -248,6 +249,6 @@ def load_efficiency(path: str | Path) -> Efficiency:
 def split(points: list[Measured], cat: Catalog | None = None) -> tuple[list[Measured], list[Measured]]:
     """Deterministic held-out split of the scorable rows (comparable, and predictable given `cat`):
     every other one is held out."""
-    rows = [m for m in points if m.comparable and (cat is None or predictable(cat, m))]
+    rows = [m for m in points if m.comparable] if cat is None else scorable(cat, points)
     return rows[0::2], rows[1::2]
 

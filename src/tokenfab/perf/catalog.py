@@ -74,6 +74,10 @@ class Model:
     def kv_bytes_per_token(self, kv_bytes: float) -> float:
         return self.layers * self.kv_elems_per_token_layer * kv_bytes
 
+    def kv_read_bytes(self, context: float, kv_bytes: float) -> float:
+        """KV-cache bytes one decode token of a sequence at `context` reads (windows respected)."""
+        return self.attended(context) * self.kv_elems_per_token_layer * kv_bytes
+
     def attended(self, context: float) -> float:
         """Token-layers one new token attends to at `context`: sliding-window layers stop at their window."""
         full = self.layers - self.sliding_layers

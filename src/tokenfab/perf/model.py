@@ -114,6 +114,12 @@ def attention_flops(m: Model, tokens: float, context: float) -> float:
     return 4.0 * tokens * m.attended(context) * m.heads * m.head_dim
 
 
+def allreduce_bytes(m: Model, tokens: float, n: int) -> float:
+    """Bytes one device moves for a tensor-parallel pass over `tokens` tokens: two bf16 all-reduces of
+    the hidden state per layer, each sending 2 (n - 1) / n of it (ring)."""
+    return 2 * m.layers * tokens * m.hidden * 2 * 2 * (n - 1) / n
+
+
 def min_devices(s: Scenario, b: int, eff: Efficiency) -> int:
     need = weight_bytes(s.model, s.bpp) + b * (s.isl + s.osl) * s.model.kv_bytes_per_token(s.kv_bpp)
     return max(1, math.ceil(need / (s.hardware.memory_gb * 1e9 * eff.mem_headroom)))
@@ -154,7 +160,7 @@ def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | N
     moved = tok + prefill_tokens  # tokens whose hidden states cross the collectives
     bw = h.mem_bw_tb_s * 1e12 * eff.eff_mem
     link = h.scaleup_bw_gb_s * 1e9 * eff.eff_comm
-    kv_bytes = b * m.attended(ctx) * m.kv_elems_per_token_layer * s.kv_bpp
+    kv_bytes = b * m.kv_read_bytes(ctx, s.kv_bpp)
     w_dec = step_weight_bytes(m, s.bpp, tok)
     w_pre = 0.0
     if prefill_tokens > 0:
@@ -171,8 +177,7 @@ def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | N
     t_lin = max((w_dec + w_pre) / bw, lin_flops_s)
     t_comm = 0.0
     if n > 1:
-        ar_bytes = 2 * m.layers * moved * m.hidden * 2 * 2 * (n - 1) / n  # two all-reduces per layer, bf16
-        t_comm = ar_bytes / link + 2 * m.layers * eff.layer_latency_s
+        t_comm = allreduce_bytes(m, moved, n) / link + 2 * m.layers * eff.layer_latency_s
     t_tp = (t_lin + t_attn) / n + t_comm
     if not (m.is_moe and n > 1):
         return t_tp + eff.step_overhead_s
@@ -196,7 +201,7 @@ def prefill_pass(s: Scenario, n: int, eff: Efficiency, hw: Hardware | None = Non
     t_mem = step_weight_bytes(m, s.bpp, tokens) / (n * h.mem_bw_tb_s * 1e12 * eff.eff_mem)
     t_comm = 0.0
     if n > 1:
-        t_comm = 2 * m.layers * tokens * m.hidden * 2 * 2 * (n - 1) / n / (h.scaleup_bw_gb_s * 1e9 * eff.eff_comm)
+        t_comm = allreduce_bytes(m, tokens, n) / (h.scaleup_bw_gb_s * 1e9 * eff.eff_comm)
     return max(t_comp, t_mem) + t_comm, prompts
 
 
@@ -267,7 +272,7 @@ def _sram_point(s: Scenario, n_gpu: int, b: int, eff: Efficiency) -> OperatingPo
     t_w = step_weight_bytes(m, s.bpp, tok) / (chips * lpu.mem_bw_tb_s * 1e12 * eff.eff_mem)
     t_c = 2.0 * m.active_params_b * 1e9 * tok / (chips * lpu.peak_tflops(s.precision) * 1e12 * eff.eff_compute)
     t_hops = m.layers * eff.layer_latency_s  # the token crosses chip boundaries layer by layer
-    kv_bytes = b * m.attended(ctx) * m.kv_elems_per_token_layer * s.kv_bpp
+    kv_bytes = b * m.kv_read_bytes(ctx, s.kv_bpp)
     gs = replace(s, hardware=gpu)
     check_fit(replace(gs, model=replace(m, total_params_b=0.0)), n_gpu, b, eff)  # the GPUs hold only KV
     t_attn = kv_bytes / (n_gpu * gpu.mem_bw_tb_s * 1e12 * eff.eff_mem) + m.decode_attention_flops(tok, ctx) / (
