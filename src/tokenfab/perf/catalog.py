@@ -64,12 +64,40 @@ class Model:
     sliding_window: int = 0  # tokens a sliding-window layer attends to (0: none)
     sliding_layers: int = 0  # how many of the layers use that window
     mtp_layers: int = 0  # multi-token-prediction heads shipped with the weights (speculative decoding drafts)
+    # a 4-bit checkpoint of a MoE model commonly quantizes only the routed experts: the precision the rest
+    # (attention, shared experts, dense layers) keeps at "fp4" ("" = all weights at the stated precision)
+    fp4_dense_precision: str = ""
+    tied_embeddings: bool = False  # the LM head is the input embedding table
     aliases: tuple[str, ...] = ()
     source: str = ""
 
     @property
     def is_moe(self) -> bool:
         return self.experts > 0
+
+    @property
+    def dense_params_b(self) -> float:
+        """Parameters outside the routed experts (all of a dense model's)."""
+        return self.total_params_b - self.expert_params_b
+
+    @property
+    def embedding_params_b(self) -> float:
+        """One vocab x hidden table (the input embedding, or the LM head)."""
+        return self.vocab * self.hidden / 1e9
+
+    @property
+    def table_params_b(self) -> float:
+        """Parameters in the embedding and LM-head tables (one table when they are tied)."""
+        return self.embedding_params_b * (1 if self.tied_embeddings else 2)
+
+    @property
+    def active_expert_params_b(self) -> float:
+        """Routed-expert parameters one token uses."""
+        return self.expert_params_b * self.experts_active / self.experts if self.is_moe else 0.0
+
+    def dense_precision(self, precision: str) -> str:
+        """The precision the non-expert weights are stored in when the checkpoint is at `precision`."""
+        return self.fp4_dense_precision if precision == "fp4" and self.fp4_dense_precision else precision
 
     def kv_bytes_per_token(self, kv_bytes: float) -> float:
         return self.layers * self.kv_elems_per_token_layer * kv_bytes

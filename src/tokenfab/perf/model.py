@@ -2,7 +2,10 @@
 
 Decode step (one replica of `n` devices, `b` sequences, mean context L, `p` prompt tokens riding along):
     weights read = dense params + expert params x fraction of experts the step's tokens touch (MoE),
-                   x bytes/param; a prompt chunk adds the experts the decode tokens did not touch
+                   x bytes/param; a prompt chunk adds the experts the decode tokens did not touch.
+                   Bytes as checkpoints store them: routed experts at the stated precision, a MoE
+                   model's other weights at `Model.fp4_dense_precision` when that is wider, the LM
+                   head at 16 bits; the input embedding is gathered row by row, not read.
     t_matmul     = max(weights / (n x bandwidth x eff_mem),
                        2 x active params x (b / eff_compute + p / eff_prefill) / (n x peak FLOPS))
     t_attention  = max(b x attended(L) x KV bytes / (n x bandwidth x eff_mem),
@@ -41,19 +44,20 @@ from tokenfab.perf.catalog import BYTES_PER_PARAM, CatalogError, Hardware, Model
 @dataclass(frozen=True)
 class Efficiency:
     """Named efficiencies. The four fitted ones default to a fit on all 28 scored anchors.csv rows
-    (`benchmarks/perf_accuracy.py`, 2026-11-29; docs/performance.md): public measurements of B200,
-    GB200 and H200 serving, so they describe tuned stacks (TensorRT-LLM, SGLang, vLLM) on those parts.
+    (`benchmarks/perf_accuracy.py`, 2026-11-29, sixth session; docs/performance.md): public
+    measurements of B200, GB200 and H200 serving, so they describe tuned stacks (TensorRT-LLM, SGLang,
+    vLLM) on those parts.
     eff_compute comes out low because it also carries per-token decode costs the roofline has no term
     for (small-tile and grouped MoE matmuls, routing, sampling); it is the least physical of them.
     step_overhead_s is not fitted (see `calibrate.FIT`); 0.4 ms is what the earlier five-parameter
     fit on all rows gave, and held-out errors move little anywhere in 0.1-1 ms."""
 
-    eff_mem: float = 0.53  # achieved / peak memory bandwidth in decode
-    eff_compute: float = 0.09  # achieved / peak FLOPS for decode tokens (see above)
-    eff_prefill: float = 0.88  # achieved / peak FLOPS for prompt tokens
+    eff_mem: float = 0.545  # achieved / peak memory bandwidth in decode
+    eff_compute: float = 0.0845  # achieved / peak FLOPS for decode tokens (see above)
+    eff_prefill: float = 0.897  # achieved / peak FLOPS for prompt tokens (near the fit's 0.9 bound)
     eff_comm: float = 0.60  # achieved / peak scale-up bandwidth (not fitted)
     step_overhead_s: float = 0.0004  # fixed per decode step (launches, sampling, scheduling); not fitted
-    layer_latency_s: float = 27e-6  # per layer per collective (all-reduce, all-to-all) or chip hop
+    layer_latency_s: float = 27.7e-6  # per layer per collective (all-reduce, all-to-all) or chip hop
     mem_headroom: float = 0.90  # usable fraction of device memory (not fitted)
 
 
@@ -85,6 +89,11 @@ class Scenario:
         return BYTES_PER_PARAM[self.precision]
 
     @property
+    def dense_bpp(self) -> float:
+        """Bytes per parameter of the weights outside the routed experts (see Model.fp4_dense_precision)."""
+        return BYTES_PER_PARAM[self.model.dense_precision(self.precision)]
+
+    @property
     def kv_bpp(self) -> float:
         if self.kv_precision:
             return BYTES_PER_PARAM[self.kv_precision]
@@ -95,18 +104,47 @@ class DoesNotFit(CatalogError):
     pass
 
 
-def weight_bytes(m: Model, bpp: float) -> float:
-    return m.total_params_b * 1e9 * bpp
+def _table_bpp(dense_bpp: float) -> float:
+    return max(dense_bpp, BYTES_PER_PARAM["bf16"])  # quantized checkpoints keep embedding and LM head 16-bit
 
 
-def step_weight_bytes(m: Model, bpp: float, b: float) -> float:
-    """Weight bytes a forward pass over `b` tokens reads: all of a dense model; a MoE model's dense part
-    plus the experts any of the tokens is routed to (routing taken as uniform)."""
+def weight_bytes(m: Model, bpp: float, dense_bpp: float | None = None) -> float:
+    """All the weights held: routed experts at `bpp`, the other layers' weights at `dense_bpp` (default
+    `bpp`), the embedding and LM-head tables at 16 bits."""
+    db = bpp if dense_bpp is None else dense_bpp
+    return ((m.dense_params_b - m.table_params_b) * db + m.table_params_b * _table_bpp(db) +
+            m.expert_params_b * bpp) * 1e9
+
+
+def step_weight_bytes(m: Model, bpp: float, b: float, dense_bpp: float | None = None) -> float:
+    """Weight bytes a forward pass over `b` tokens reads: the layers' dense weights (at `dense_bpp`,
+    default `bpp`) and the LM head (16-bit; of the input embedding only the tokens' rows are gathered),
+    plus, for a MoE model, the experts any of the tokens is routed to (routing taken as uniform)."""
+    db = bpp if dense_bpp is None else dense_bpp
+    dense = ((m.dense_params_b - m.table_params_b) * db + m.embedding_params_b * _table_bpp(db)) * 1e9
     if not m.is_moe:
-        return m.total_params_b * 1e9 * bpp
-    dense = (m.total_params_b - m.expert_params_b) * 1e9
+        return dense
     touched = 1.0 - (1.0 - m.experts_active / m.experts) ** b  # fraction of experts any of b tokens uses
-    return (dense + m.expert_params_b * 1e9 * touched) * bpp
+    return dense + m.expert_params_b * 1e9 * touched * bpp
+
+
+def matmul_s_per_token(s: Scenario, h: Hardware) -> float:
+    """Seconds one token's weight matmuls take at `h`'s peak: the routed experts at the scenario's
+    precision, the layers' other weights at theirs (Model.fp4_dense_precision), the LM head at 16 bits
+    (the input embedding is a lookup, not a matmul)."""
+    m = s.model
+    dense_prec = m.dense_precision(s.precision)
+    head_prec = "bf16" if BYTES_PER_PARAM[dense_prec] < BYTES_PER_PARAM["bf16"] else dense_prec
+
+    def peak(prec: str) -> float:  # a part that lists no wider format (an LPU) runs it at the stated one
+        try:
+            return h.peak_tflops(prec)
+        except CatalogError:
+            return h.peak_tflops(s.precision)
+
+    layers = m.active_params_b - m.active_expert_params_b - m.table_params_b
+    return 2.0 * 1e9 * (layers / peak(dense_prec) + m.embedding_params_b / peak(head_prec) +
+                        m.active_expert_params_b / h.peak_tflops(s.precision)) / 1e12
 
 
 def attention_flops(m: Model, tokens: float, context: float) -> float:
@@ -121,13 +159,13 @@ def allreduce_bytes(m: Model, tokens: float, n: int) -> float:
 
 
 def min_devices(s: Scenario, b: int, eff: Efficiency) -> int:
-    need = weight_bytes(s.model, s.bpp) + b * (s.isl + s.osl) * s.model.kv_bytes_per_token(s.kv_bpp)
+    need = weight_bytes(s.model, s.bpp, s.dense_bpp) + b * (s.isl + s.osl) * s.model.kv_bytes_per_token(s.kv_bpp)
     return max(1, math.ceil(need / (s.hardware.memory_gb * 1e9 * eff.mem_headroom)))
 
 
 def check_fit(s: Scenario, n: int, b: int, eff: Efficiency) -> None:
     h = s.hardware
-    need = weight_bytes(s.model, s.bpp) + b * (s.isl + s.osl) * s.model.kv_bytes_per_token(s.kv_bpp)
+    need = weight_bytes(s.model, s.bpp, s.dense_bpp) + b * (s.isl + s.osl) * s.model.kv_bytes_per_token(s.kv_bpp)
     have = n * h.memory_gb * 1e9 * eff.mem_headroom
     if need > have:
         raise DoesNotFit(f"{s.model.name} at {s.precision} with {b} sequences of {s.isl + s.osl} tokens needs "
@@ -161,17 +199,16 @@ def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | N
     bw = h.mem_bw_tb_s * 1e12 * eff.eff_mem
     link = h.scaleup_bw_gb_s * 1e9 * eff.eff_comm
     kv_bytes = b * m.kv_read_bytes(ctx, s.kv_bpp)
-    w_dec = step_weight_bytes(m, s.bpp, tok)
+    w_dec = step_weight_bytes(m, s.bpp, tok, s.dense_bpp)
     w_pre = 0.0
     if prefill_tokens > 0:
         chunk = min(s.isl, s.prefill_chunk_tokens)
-        w_pre = min(1.0, prefill_tokens / chunk) * (step_weight_bytes(m, s.bpp, tok + chunk) - w_dec)
-    peak = h.peak_tflops(s.precision) * 1e12
+        w_pre = min(1.0, prefill_tokens / chunk) * (step_weight_bytes(m, s.bpp, tok + chunk, s.dense_bpp) - w_dec)
     attn_peak = h.peak_tflops(s.attn_precision) * 1e12
     # each kind of kernel is bound by its own resource and they run one after another, so the step sums
     # a roofline per kind: the weight matmuls (weights read once for decode and prefill tokens together)
     # and attention (decode over each sequence's cache; a prefill chunk's own attention)
-    lin_flops_s = 2.0 * m.active_params_b * 1e9 * (tok / eff.eff_compute + prefill_tokens / eff.eff_prefill) / peak
+    lin_flops_s = matmul_s_per_token(s, h) * (tok / eff.eff_compute + prefill_tokens / eff.eff_prefill)
     t_attn = max(kv_bytes / bw, m.decode_attention_flops(tok, ctx) / (attn_peak * eff.eff_compute)) + \
         attention_flops(m, prefill_tokens, s.isl / 2) / (attn_peak * eff.eff_prefill)
     t_lin = max((w_dec + w_pre) / bw, lin_flops_s)
@@ -181,7 +218,7 @@ def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | N
     t_tp = (t_lin + t_attn) / n + t_comm
     if not (m.is_moe and n > 1):
         return t_tp + eff.step_overhead_s
-    dense_bytes = (m.total_params_b - m.expert_params_b) * 1e9 * s.bpp
+    dense_bytes = step_weight_bytes(m, s.bpp, 0, s.dense_bpp)  # what every device reads whole
     t_lin_ep = max(dense_bytes / bw + (w_dec + w_pre - dense_bytes) / (n * bw), lin_flops_s / n)
     a2a_bytes = moved / n * m.layers * m.experts_active * m.hidden * 3 * (n - 1) / n
     t_ep = t_lin_ep + t_attn / n + a2a_bytes / link + 2 * m.layers * eff.layer_latency_s
@@ -195,10 +232,9 @@ def prefill_pass(s: Scenario, n: int, eff: Efficiency, hw: Hardware | None = Non
     m = s.model
     prompts = max(1, s.prefill_chunk_tokens // s.isl)
     tokens = prompts * s.isl
-    flops = 2.0 * m.active_params_b * 1e9 * tokens / h.peak_tflops(s.precision) + attention_flops(
-        m, tokens, s.isl / 2) / h.peak_tflops(s.attn_precision)
-    t_comp = flops / (n * 1e12 * eff.eff_prefill)
-    t_mem = step_weight_bytes(m, s.bpp, tokens) / (n * h.mem_bw_tb_s * 1e12 * eff.eff_mem)
+    t_comp = (matmul_s_per_token(s, h) * tokens + attention_flops(m, tokens, s.isl / 2) / (
+        h.peak_tflops(s.attn_precision) * 1e12)) / (n * eff.eff_prefill)
+    t_mem = step_weight_bytes(m, s.bpp, tokens, s.dense_bpp) / (n * h.mem_bw_tb_s * 1e12 * eff.eff_mem)
     t_comm = 0.0
     if n > 1:
         t_comm = allreduce_bytes(m, tokens, n) / (h.scaleup_bw_gb_s * 1e9 * eff.eff_comm)
@@ -266,15 +302,15 @@ def _sram_point(s: Scenario, n_gpu: int, b: int, eff: Efficiency) -> OperatingPo
     lpu, gpu, m = s.hardware, s.prefill_hardware, s.model
     if gpu is None:
         raise CatalogError("sram-decode needs a GPU pool for prefill and attention (prefill_hardware)")
-    chips = math.ceil(weight_bytes(m, s.bpp) / (lpu.memory_gb * 1e9 * eff.mem_headroom))
+    chips = math.ceil(weight_bytes(m, s.bpp, s.dense_bpp) / (lpu.memory_gb * 1e9 * eff.mem_headroom))
     ctx = s.isl + s.osl / 2
     tok, e = b * (1 + s.spec_tokens), s.tokens_per_step
-    t_w = step_weight_bytes(m, s.bpp, tok) / (chips * lpu.mem_bw_tb_s * 1e12 * eff.eff_mem)
-    t_c = 2.0 * m.active_params_b * 1e9 * tok / (chips * lpu.peak_tflops(s.precision) * 1e12 * eff.eff_compute)
+    t_w = step_weight_bytes(m, s.bpp, tok, s.dense_bpp) / (chips * lpu.mem_bw_tb_s * 1e12 * eff.eff_mem)
+    t_c = matmul_s_per_token(s, lpu) * tok / (chips * eff.eff_compute)
     t_hops = m.layers * eff.layer_latency_s  # the token crosses chip boundaries layer by layer
     kv_bytes = b * m.kv_read_bytes(ctx, s.kv_bpp)
     gs = replace(s, hardware=gpu)
-    check_fit(replace(gs, model=replace(m, total_params_b=0.0)), n_gpu, b, eff)  # the GPUs hold only KV
+    check_fit(replace(gs, model=replace(m, total_params_b=0.0, expert_params_b=0.0)), n_gpu, b, eff)  # the GPUs hold only KV
     t_attn = kv_bytes / (n_gpu * gpu.mem_bw_tb_s * 1e12 * eff.eff_mem) + m.decode_attention_flops(tok, ctx) / (
         n_gpu * gpu.peak_tflops(s.attn_precision) * 1e12 * eff.eff_compute)
     t_step = max(t_w, t_c) + t_attn + t_hops + eff.step_overhead_s
