@@ -158,14 +158,20 @@ def allreduce_bytes(m: Model, tokens: float, n: int) -> float:
     return 2 * m.layers * tokens * m.hidden * 2 * 2 * (n - 1) / n
 
 
+def bytes_needed(s: Scenario, b: int, weights: bool = True) -> float:
+    """Memory `b` full-length sequences need: their KV cache, plus all the weights unless `weights` is
+    False (a pool that holds only KV, as the GPUs behind an SRAM decoder do)."""
+    kv = b * (s.isl + s.osl) * s.model.kv_bytes_per_token(s.kv_bpp)
+    return kv + (weight_bytes(s.model, s.bpp, s.dense_bpp) if weights else 0.0)
+
+
 def min_devices(s: Scenario, b: int, eff: Efficiency) -> int:
-    need = weight_bytes(s.model, s.bpp, s.dense_bpp) + b * (s.isl + s.osl) * s.model.kv_bytes_per_token(s.kv_bpp)
-    return max(1, math.ceil(need / (s.hardware.memory_gb * 1e9 * eff.mem_headroom)))
+    return max(1, math.ceil(bytes_needed(s, b) / (s.hardware.memory_gb * 1e9 * eff.mem_headroom)))
 
 
-def check_fit(s: Scenario, n: int, b: int, eff: Efficiency) -> None:
+def check_fit(s: Scenario, n: int, b: int, eff: Efficiency, weights: bool = True) -> None:
     h = s.hardware
-    need = weight_bytes(s.model, s.bpp, s.dense_bpp) + b * (s.isl + s.osl) * s.model.kv_bytes_per_token(s.kv_bpp)
+    need = bytes_needed(s, b, weights)
     have = n * h.memory_gb * 1e9 * eff.mem_headroom
     if need > have:
         raise DoesNotFit(f"{s.model.name} at {s.precision} with {b} sequences of {s.isl + s.osl} tokens needs "
@@ -310,7 +316,7 @@ def _sram_point(s: Scenario, n_gpu: int, b: int, eff: Efficiency) -> OperatingPo
     t_hops = m.layers * eff.layer_latency_s  # the token crosses chip boundaries layer by layer
     kv_bytes = b * m.kv_read_bytes(ctx, s.kv_bpp)
     gs = replace(s, hardware=gpu)
-    check_fit(replace(gs, model=replace(m, total_params_b=0.0, expert_params_b=0.0)), n_gpu, b, eff)  # the GPUs hold only KV
+    check_fit(gs, n_gpu, b, eff, weights=False)  # the GPUs hold only KV
     t_attn = kv_bytes / (n_gpu * gpu.mem_bw_tb_s * 1e12 * eff.eff_mem) + m.decode_attention_flops(tok, ctx) / (
         n_gpu * gpu.peak_tflops(s.attn_precision) * 1e12 * eff.eff_compute)
     t_step = max(t_w, t_c) + t_attn + t_hops + eff.step_overhead_s
