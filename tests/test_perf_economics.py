@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -19,7 +20,7 @@ from tokenfab.perf.model import DoesNotFit, Efficiency, Scenario, check_fit, dec
 CAT = Catalog.default()
 MM_8B = 8.03e9 - 128256 * 4096  # Llama-3.1-8B's weights a token multiplies: all but the input embedding
 IDEAL = Efficiency(eff_mem=1.0, eff_compute=1.0, eff_prefill=1.0, eff_comm=1.0, step_overhead_s=0.0,
-                   layer_latency_s=0.0)
+                   layer_latency_s=0.0, a2a_latency_s=0.0)
 
 
 def test_decode_step_of_a_dense_model_is_bytes_over_bandwidth():
@@ -92,6 +93,17 @@ def test_attention_shapes_mla_and_sliding_window():
     oss = CAT.model("gpt-oss-120b")  # 18 of 36 layers see a 128-token window
     assert oss.attended(8192) == 18 * 8192 + 18 * 128 and oss.attended(100) == 36 * 100
     assert CAT.model("Llama-3.1-70B").decode_attention_flops(2, 10) == 4 * 2 * 10 * 80 * 64 * 128
+
+
+def test_expert_parallel_step_pays_the_measured_all_to_all_latency():
+    """Wide EP (DeepSeek-R1 on 64 GB200s): each of 61 layers dispatches and combines once, 25 us each by default
+    (TensorRT-LLM's NVLink all-to-all, measured); a costly all-reduce keeps tensor parallel out of the comparison."""
+    s = Scenario(CAT.model("DeepSeek-R1"), CAT.hw("GB200"), "fp8", 8192, 1024)
+    ep_only = replace(IDEAL, layer_latency_s=1e-3)
+    paid = decode_step_s(s, 64, 64, replace(ep_only, a2a_latency_s=Efficiency().a2a_latency_s))
+    assert Efficiency().a2a_latency_s == 25e-6
+    assert paid - decode_step_s(s, 64, 64, ep_only) == pytest.approx(2 * 61 * 25e-6)
+    assert paid < 2 * 61 * 1e-3  # the expert-parallel layout was the one taken
 
 
 def test_moe_reads_only_touched_experts():

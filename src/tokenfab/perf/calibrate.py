@@ -33,7 +33,8 @@ from tokenfab.perf.model import Efficiency, Scenario, sweep
 # 0.1 ms + 33 us against 3.8 ms + 6 us), so it stays at its default and the fit is stable.
 FIT = ("eff_mem", "eff_compute", "eff_prefill", "layer_latency_s")
 BOUNDS = {"eff_mem": (0.2, 0.95), "eff_compute": (0.05, 0.9), "eff_prefill": (0.1, 0.9),
-          "step_overhead_s": (1e-4, 0.05), "layer_latency_s": (1e-6, 2e-4)}
+          "step_overhead_s": (1e-4, 0.05), "layer_latency_s": (1e-6, 2e-4),
+          "a2a_latency_s": (1e-6, 2e-4)}
 
 
 @dataclass(frozen=True)

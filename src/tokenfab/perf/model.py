@@ -12,6 +12,7 @@ Decode step (one replica of `n` devices, `b` sequences, mean context L, `p` prom
                        decode attention FLOPs / (n x bf16 peak x eff_compute))
                    + the prompt chunk's own attention FLOPs at eff_prefill
     t_comm       = all-reduces over the scale-up link (n > 1) + 2 x layers x layer_latency_s
+                   (expert parallel: an all-to-all dispatch and combine per layer, each paying a2a_latency_s)
     t_step       = t_matmul + t_attention + t_comm + step_overhead_s
 Each kind of kernel is bound by its own resource and they run one after another, so the step sums a
 roofline per kind rather than taking one max over the whole step. attended(L) stops at the window on
@@ -44,20 +45,26 @@ from tokenfab.perf.catalog import BYTES_PER_PARAM, CatalogError, Hardware, Model
 @dataclass(frozen=True)
 class Efficiency:
     """Named efficiencies. The four fitted ones default to a fit on all 28 scored anchors.csv rows
-    (`benchmarks/perf_accuracy.py`, 2026-11-29, sixth session; docs/performance.md): public
+    (`benchmarks/perf_accuracy.py`, 2026-11-29, seventh session; docs/performance.md): public
     measurements of B200, GB200 and H200 serving, so they describe tuned stacks (TensorRT-LLM, SGLang,
     vLLM) on those parts.
     eff_compute comes out low because it also carries per-token decode costs the roofline has no term
-    for (small-tile and grouped MoE matmuls, routing, sampling); it is the least physical of them.
+    for; it is the least physical of them. The DeepSeek-R1 rows set it: fitting one model's rows alone
+    (with a per-token cost as a fifth term) gives 0.08 for DeepSeek-R1, 0.67 for Llama-3.3-70B and 0.84
+    for gpt-oss-120b (docs/performance.md, seventh session).
     step_overhead_s is not fitted (see `calibrate.FIT`); 0.4 ms is what the earlier five-parameter
     fit on all rows gave, and held-out errors move little anywhere in 0.1-1 ms."""
 
-    eff_mem: float = 0.545  # achieved / peak memory bandwidth in decode
-    eff_compute: float = 0.0845  # achieved / peak FLOPS for decode tokens (see above)
-    eff_prefill: float = 0.897  # achieved / peak FLOPS for prompt tokens (near the fit's 0.9 bound)
+    eff_mem: float = 0.544  # achieved / peak memory bandwidth in decode
+    eff_compute: float = 0.0822  # achieved / peak FLOPS for decode tokens (see above)
+    eff_prefill: float = 0.856  # achieved / peak FLOPS for prompt tokens
     eff_comm: float = 0.60  # achieved / peak scale-up bandwidth (not fitted)
     step_overhead_s: float = 0.0004  # fixed per decode step (launches, sampling, scheduling); not fitted
-    layer_latency_s: float = 27.7e-6  # per layer per collective (all-reduce, all-to-all) or chip hop
+    layer_latency_s: float = 27.6e-6  # per layer per tensor-parallel all-reduce, or per chip hop (SRAM decode)
+    # per layer per expert-parallel all-to-all (dispatch or combine), not fitted: measured, not inferred. TensorRT-LLM's
+    # NVLink one-sided all-to-all on GB200 NVL72 (DeepSeek-V3 shapes, EP 8-64, 1-16 tokens per rank) takes 18-29 us to
+    # dispatch and 31-35 us to combine (its tech blog 18), about 50 us the pair; more tokens add their bytes over the link
+    a2a_latency_s: float = 25e-6
     mem_headroom: float = 0.90  # usable fraction of device memory (not fitted)
 
 
@@ -195,7 +202,7 @@ def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | N
     wide): each device keeps the dense weights (attention, shared experts) whole and runs attention
     for its b / n sequences; the experts are split n ways; each layer does an all-to-all dispatch
     (fp8, 1 byte an element) and combine (bf16, 2 bytes) of every token's hidden state to its
-    `experts_active` experts, each collective also paying `layer_latency_s`.
+    `experts_active` experts, each collective also paying `a2a_latency_s`.
     """
     h = hw or s.hardware
     m = s.model
@@ -227,7 +234,7 @@ def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | N
     dense_bytes = step_weight_bytes(m, s.bpp, 0, s.dense_bpp)  # what every device reads whole
     t_lin_ep = max(dense_bytes / bw + (w_dec + w_pre - dense_bytes) / (n * bw), lin_flops_s / n)
     a2a_bytes = moved / n * m.layers * m.experts_active * m.hidden * 3 * (n - 1) / n
-    t_ep = t_lin_ep + t_attn / n + a2a_bytes / link + 2 * m.layers * eff.layer_latency_s
+    t_ep = t_lin_ep + t_attn / n + a2a_bytes / link + 2 * m.layers * eff.a2a_latency_s
     return min(t_tp, t_ep) + eff.step_overhead_s
 
 
