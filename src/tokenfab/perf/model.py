@@ -61,9 +61,10 @@ class Efficiency:
     eff_comm: float = 0.60  # achieved / peak scale-up bandwidth (not fitted)
     step_overhead_s: float = 0.0004  # fixed per decode step (launches, sampling, scheduling); not fitted
     layer_latency_s: float = 27.6e-6  # per layer per tensor-parallel all-reduce, or per chip hop (SRAM decode)
-    # per layer per expert-parallel all-to-all (dispatch or combine), not fitted: measured, not inferred. TensorRT-LLM's
-    # NVLink one-sided all-to-all on GB200 NVL72 (DeepSeek-V3 shapes, EP 8-64, 1-16 tokens per rank) takes 18-29 us to
-    # dispatch and 31-35 us to combine (its tech blog 18), about 50 us the pair; more tokens add their bytes over the link
+    # per layer per expert-parallel all-to-all (dispatch or combine); not fitted, but taken from a measurement:
+    # TensorRT-LLM's NVLink one-sided all-to-all on GB200 NVL72 (DeepSeek-V3 shapes, EP 8-64, 1-16 tokens per rank)
+    # takes 18-29 us to dispatch and 31-35 us to combine (its tech blog 18), about 50 us the pair; more tokens add
+    # their bytes over the link
     a2a_latency_s: float = 25e-6
     mem_headroom: float = 0.90  # usable fraction of device memory (not fitted)
 
