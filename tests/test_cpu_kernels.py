@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,9 +211,10 @@ def test_generic_paths_on_older_instruction_sets(arch):
         pytest.skip("x86-64 builds only")
     needs = {"x86-64-v3": {"avx2", "fma", "bmi2"}, "x86-64-v4": {"avx512f", "avx512bw", "avx512dq", "avx512vl"}}[arch]
     try:
-        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        flags = set()
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        cpuinfo = []
+    flags = set(next((line for line in cpuinfo if line.startswith("flags")), "").split())
     if not needs <= flags:  # a build for that level would not run here (SIGILL), so there is nothing to check
         pytest.skip(f"this CPU lacks {', '.join(sorted(needs - flags))}")
     env = {**os.environ, "TOKENFAB_KERNEL_ARCH": arch}

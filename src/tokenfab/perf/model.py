@@ -112,24 +112,24 @@ class DoesNotFit(CatalogError):
     pass
 
 
-def _table_bpp(dense_bpp: float) -> float:
-    return max(dense_bpp, BYTES_PER_PARAM["bf16"])  # quantized checkpoints keep embedding and LM head 16-bit
+def _non_expert_bytes(m: Model, bpp: float, dense_bpp: float | None, table_params_b: float) -> float:
+    """The layers' weights outside the routed experts at `dense_bpp` (default `bpp`), plus
+    `table_params_b` of embedding / LM-head table, which quantized checkpoints keep at 16 bits."""
+    db = bpp if dense_bpp is None else dense_bpp
+    return ((m.dense_params_b - m.table_params_b) * db + table_params_b * max(db, BYTES_PER_PARAM["bf16"])) * 1e9
 
 
 def weight_bytes(m: Model, bpp: float, dense_bpp: float | None = None) -> float:
     """All the weights held: routed experts at `bpp`, the other layers' weights at `dense_bpp` (default
     `bpp`), the embedding and LM-head tables at 16 bits."""
-    db = bpp if dense_bpp is None else dense_bpp
-    return ((m.dense_params_b - m.table_params_b) * db + m.table_params_b * _table_bpp(db) +
-            m.expert_params_b * bpp) * 1e9
+    return _non_expert_bytes(m, bpp, dense_bpp, m.table_params_b) + m.expert_params_b * 1e9 * bpp
 
 
 def step_weight_bytes(m: Model, bpp: float, b: float, dense_bpp: float | None = None) -> float:
     """Weight bytes a forward pass over `b` tokens reads: the layers' dense weights (at `dense_bpp`,
     default `bpp`) and the LM head (16-bit; of the input embedding only the tokens' rows are gathered),
     plus, for a MoE model, the experts any of the tokens is routed to (routing taken as uniform)."""
-    db = bpp if dense_bpp is None else dense_bpp
-    dense = ((m.dense_params_b - m.table_params_b) * db + m.embedding_params_b * _table_bpp(db)) * 1e9
+    dense = _non_expert_bytes(m, bpp, dense_bpp, m.embedding_params_b)
     if not m.is_moe:
         return dense
     touched = 1.0 - (1.0 - m.experts_active / m.experts) ** b  # fraction of experts any of b tokens uses
