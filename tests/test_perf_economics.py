@@ -106,6 +106,47 @@ def test_expert_parallel_step_pays_the_measured_all_to_all_latency():
     assert paid < 2 * 61 * 1e-3  # the expert-parallel layout was the one taken
 
 
+def test_layouts_hold_and_read_what_they_copy():
+    """Tensor parallel splits attention by KV head, so an MLA model's one latent cache is copied to (and read
+    on) every rank; expert parallel with data-parallel attention keeps the non-expert weights whole on each
+    device. Each layout's bytes decide whether it fits (SGLang's docs: TP duplicates an MLA model's KV cache)."""
+    from tokenfab.perf.model import kv_share, layout_bytes, weight_bytes
+
+    ds, b200 = CAT.model("DeepSeek-R1"), CAT.hw("B200")
+    assert kv_share(ds, 8) == 1 and kv_share(CAT.model("Llama-3.1-70B"), 8) == 8
+    assert kv_share(CAT.model("Llama-3.1-70B"), 16) == 8  # 16 ranks, 8 KV heads: each head on two ranks
+    s = Scenario(ds, b200, "fp8", 8192, 1024)
+    per_seq = 9216 * 61 * 576  # bytes of one full-length sequence's fp8 latent cache
+    weights = weight_bytes(ds, 1.0, 1.0)
+    assert layout_bytes(s, 8, 64, "tp") == pytest.approx(weights / 8 + 64 * per_seq)
+    assert layout_bytes(s, 8, 64, "ep") == pytest.approx(weights - 654e9 + 654e9 / 8 + 64 * per_seq / 8)
+    # 512 sequences: the copies overflow tensor parallel (84 + 166 GB a device), expert parallel holds them
+    with pytest.raises(DoesNotFit):
+        check_fit(replace(s, layout="tp"), 8, 512, Efficiency())
+    check_fit(s, 8, 512, Efficiency())
+    # a TP step reads the whole latent cache on each rank: 64 sequences at mean context 8,704
+    tp = replace(s, layout="tp")
+    split_kv = replace(tp, model=replace(ds, kv_heads=128))  # as if the cache split by head
+    kv = 64 * 61 * 8704 * 576
+    attn = 2 * 64 * 61 * 8704 * 128 * (576 + 512) / 2250e12 / 8  # a rank's 16 heads, compute time
+    assert kv / 8e12 > attn > kv / 8 / 8e12
+    assert decode_step_s(tp, 8, 64, IDEAL) - decode_step_s(split_kv, 8, 64, IDEAL) == pytest.approx(kv / 8e12 - attn)
+    # a stated parallelism pins the sweep
+    pinned = sweep(replace(s, devices=4, layout="ep", precision="fp4"))
+    assert {p.extra["decode_devices"] for p in pinned.points} == {4}
+
+
+def test_rows_state_their_parallelism():
+    from tokenfab.perf.calibrate import configurations, parse_parallelism
+
+    assert parse_parallelism("DEP4") == (4, "ep") and parse_parallelism("tp8") == (8, "tp")
+    assert parse_parallelism("") == (0, "")
+    with pytest.raises(CatalogError, match="TP<n> or DEP<n>"):
+        parse_parallelism("PP2")
+    row = next(a for a in load_anchors() if a.parallelism == "DEP4" and a.model == "DeepSeek-R1")
+    assert [(s.devices, s.layout, s.spec_tokens) for s in configurations(CAT, row)] == [(4, "ep", 0)]
+
+
 def test_moe_reads_only_touched_experts():
     s = Scenario(CAT.model("DeepSeek-R1"), CAT.hw("GB300"), "fp4", 1024, 1024)
     one = decode_step_s(s, 8, 1, IDEAL)
@@ -195,15 +236,19 @@ def test_tier_table_validation():
 
 
 def test_calibration_recovers_known_efficiencies():
-    truth = Efficiency(eff_mem=0.55, eff_compute=0.30, eff_prefill=0.4, step_overhead_s=0.001, layer_latency_s=1e-5)
+    """Synthetic rows made with known values of the fitted efficiencies (the others at their defaults, as
+    `calibrate` keeps them) give those values back."""
+    truth = Efficiency(eff_mem=0.55, eff_compute=0.30, eff_prefill=0.4, layer_latency_s=1e-5)
     anchors = [a for a in load_anchors() if a.metric == "tok_s_gpu" and a.comparable and predictable(CAT, a)]
     assert len(anchors) >= 20
     synthetic = [type(a)(**{**a.__dict__, "value": predict(CAT, a, truth)}) for a in anchors]
     synthetic = [a for a in synthetic if a.value > 0][::2]  # unreachable speeds drop out; half keeps it quick
     assert len(synthetic) >= 10
     fitted = calibrate(CAT, synthetic)
+    for name in ("eff_mem", "eff_compute", "eff_prefill", "layer_latency_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=0.02), name
     errs = [abs(e) for e in errors(CAT, synthetic, fitted)]
-    assert max(errs) < 0.05
+    assert max(errs) < 0.01
 
 
 def test_claims_are_computed_with_verdicts():

@@ -54,11 +54,28 @@ class Measured:
     serving: str = ""  # aggregated | disaggregated | "" (not stated)
     spec_decoding: str = ""  # mtp | none | "" (not stated)
     max_concurrency: int = 0  # the largest concurrency per server instance the source ran (0: not known)
+    parallelism: str = ""  # the decode parallelism the source ran: "TP<n>" or "DEP<n>" (attention DP + EP); "" = any
+
+    @property
+    def layout(self) -> tuple[int, str]:
+        """(devices per replica, layout) the row states: (0, "") where it does not."""
+        return parse_parallelism(self.parallelism)
 
     @property
     def comparable(self) -> bool:
         """A speed is stated, or the row is a curve's end: the fastest speed, or maximum throughput."""
         return self.metric == "tok_s_user" or self.at_tok_s_user is not None or "max throughput" in self.label
+
+
+def parse_parallelism(text: str) -> tuple[int, str]:
+    """'TP4' -> (4, 'tp'); 'DEP8' (data-parallel attention + expert parallel, TensorRT-LLM's name) or 'EP8'
+    -> (8, 'ep'); '' -> (0, '')."""
+    if not text:
+        return 0, ""
+    m = re.fullmatch(r"(TP|DEP|EP)(\d+)", text.strip().upper())
+    if not m or int(m.group(2)) < 1:
+        raise CatalogError(f"parallelism {text!r}: expected TP<n> or DEP<n> (e.g. TP8, DEP4)")
+    return int(m.group(2)), "tp" if m.group(1) == "TP" else "ep"
 
 
 def load_anchors(path: str | Path | None = None) -> list[Measured]:
@@ -77,7 +94,8 @@ def load_anchors(path: str | Path | None = None) -> list[Measured]:
                             int(row["isl"] or 1024), int(row["osl"] or 1024), row["metric"], float(row["value"]),
                             float(row["at_tok_s_user"]) if row["at_tok_s_user"] else None, devices, row["source"],
                             row.get("tokens_counted") or "output", row.get("serving") or "",
-                            row.get("spec_decoding") or "", int(row.get("max_concurrency") or 0)))
+                            row.get("spec_decoding") or "", int(row.get("max_concurrency") or 0),
+                            row.get("parallelism") or ""))
     return out
 
 
@@ -97,9 +115,13 @@ def configurations(cat: Catalog, m: Measured) -> list[Scenario]:
     MTP draft per step. (InferenceX also runs 2 and 3 drafts; at one acceptance rate for every draft
     the model over-credits those, since it charges neither the lower acceptance of later drafts nor
     their sequential draft passes, so they are left out.) A serving mode not stated is aggregated.
-    `max_concurrency` caps the concurrency per replica where the source says how far it swept.
+    `max_concurrency` caps the concurrency per replica where the source says how far it swept, and
+    `parallelism` pins the devices per replica and the layout where the source states them.
     """
     model = cat.model(m.model)
+    devices, layout = m.layout
+    if layout == "ep" and not model.is_moe:
+        raise CatalogError(f"{m.label}: {m.parallelism} is expert parallel, but {model.name} has no experts")
     mode = mode_for(m)
     if m.spec_decoding == "mtp":
         drafts = [1]
@@ -108,7 +130,7 @@ def configurations(cat: Catalog, m: Measured) -> list[Scenario]:
     else:
         drafts = [0, 1]
     return [Scenario(model, cat.hw(m.hardware), m.precision, m.isl, m.osl, mode=mode, spec_tokens=k,
-                     max_concurrency=m.max_concurrency) for k in drafts]
+                     max_concurrency=m.max_concurrency, devices=devices, layout=layout) for k in drafts]
 
 
 def throughput_at_speed(points: list[OperatingPoint], speed: float) -> float:

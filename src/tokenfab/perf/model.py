@@ -86,6 +86,10 @@ class Scenario:
     # commonly 8192 on large GPUs): aggregated chunks and disaggregated prefill batches share a weight read
     prefill_chunk_tokens: int = 8192
     max_concurrency: int = 0  # sequences one replica is run with at most (engine or benchmark limit; 0 = none)
+    # the decode parallelism a source ran, where it says: devices per replica (0 = sweep them) and layout
+    # ("tp": tensor parallel; "ep": expert parallel with data-parallel attention; "" = whichever is faster)
+    devices: int = 0
+    layout: str = ""
 
     @property
     def tokens_per_step(self) -> float:
@@ -178,13 +182,43 @@ def min_devices(s: Scenario, b: int, eff: Efficiency) -> int:
 
 
 def check_fit(s: Scenario, n: int, b: int, eff: Efficiency, weights: bool = True) -> None:
+    """Raise DoesNotFit unless `b` full-length sequences fit on `n` devices in some layout the scenario
+    allows (`layouts`, `layout_bytes`); with `weights` False, their KV cache alone (spread n ways)."""
     h = s.hardware
-    need = bytes_needed(s, b, weights)
+    if weights:
+        need = n * min(layout_bytes(s, n, b, k) for k in layouts(s, n))
+    else:
+        need = bytes_needed(s, b, weights)
     have = n * h.memory_gb * 1e9 * eff.mem_headroom
     if need > have:
         raise DoesNotFit(f"{s.model.name} at {s.precision} with {b} sequences of {s.isl + s.osl} tokens needs "
                          f"{need / 1e9:,.0f} GB but {n} x {h.name} offer {have / 1e9:,.0f} GB usable: "
                          f"{(need - have) / 1e9:,.0f} GB missing (use more devices, lower precision or fewer sequences)")
+
+
+def layouts(s: Scenario, n: int) -> tuple[str, ...]:
+    """The decode layouts open to `s` on `n` devices: expert parallel only for a MoE model on several."""
+    both = ("tp", "ep") if s.model.is_moe and n > 1 else ("tp",)
+    return (s.layout,) if s.layout in both else both
+
+
+def kv_share(m: Model, n: int) -> int:
+    """Ways tensor parallelism over `n` devices splits the KV cache: by KV head, so ranks beyond the
+    model's KV heads hold copies (an MLA model's one latent "head" is copied to every rank)."""
+    return min(n, m.kv_heads) if m.kv_heads else n
+
+
+def layout_bytes(s: Scenario, n: int, b: int, layout: str) -> float:
+    """Bytes each of `n` devices holds for `b` full-length sequences in `layout`: tensor parallel splits
+    the weights n ways and the KV cache `kv_share` ways; expert parallel with data-parallel attention keeps
+    the weights outside the routed experts whole on every device, splits the experts and the sequences."""
+    m = s.model
+    kv = b * (s.isl + s.osl) * m.kv_bytes_per_token(s.kv_bpp)
+    weights = weight_bytes(m, s.bpp, s.dense_bpp)
+    if layout == "ep":
+        dense = weights - m.expert_params_b * 1e9 * s.bpp
+        return dense + (weights - dense) / n + kv / n
+    return weights / n + kv / kv_share(m, n)
 
 
 def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | None = None,
@@ -198,12 +232,15 @@ def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | N
     Decode attention runs at the `attn_precision` peak (the serving stacks' decode attention kernels
     compute in bf16 over an fp8 cache); sliding-window layers read only their window.
 
-    Tensor parallel (any model): weights and KV split n ways, two all-reduces per layer.
+    Tensor parallel (any model): weights split n ways, two all-reduces per layer; attention splits by
+    head, so each device reads its share of the KV cache, all of it for an MLA model (`kv_share`).
     Expert parallel with data-parallel attention (MoE models, n > 1; how DeepSeek-R1 is served
     wide): each device keeps the dense weights (attention, shared experts) whole and runs attention
     for its b / n sequences; the experts are split n ways; each layer does an all-to-all dispatch
     (fp8, 1 byte an element) and combine (bf16, 2 bytes) of every token's hidden state to its
     `experts_active` experts, each collective also paying `a2a_latency_s`.
+    A layout whose per-device bytes (`layout_bytes`) overflow the device is not taken; `s.layout`
+    restricts the choice to one layout.
     """
     h = hw or s.hardware
     m = s.model
@@ -223,20 +260,28 @@ def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | N
     # a roofline per kind: the weight matmuls (weights read once for decode and prefill tokens together)
     # and attention (decode over each sequence's cache; a prefill chunk's own attention)
     lin_flops_s = matmul_s_per_token(s, h) * (tok / eff.eff_compute + prefill_tokens / eff.eff_prefill)
-    t_attn = max(kv_bytes / bw, m.decode_attention_flops(tok, ctx) / (attn_peak * eff.eff_compute)) + \
-        attention_flops(m, prefill_tokens, s.isl / 2) / (attn_peak * eff.eff_prefill)
+    attn_flops_s = m.decode_attention_flops(tok, ctx) / (attn_peak * eff.eff_compute)
+    pre_attn_s = attention_flops(m, prefill_tokens, s.isl / 2) / (attn_peak * eff.eff_prefill)
     t_lin = max((w_dec + w_pre) / bw, lin_flops_s)
-    t_comm = 0.0
-    if n > 1:
-        t_comm = allreduce_bytes(m, moved, n) / link + 2 * m.layers * eff.layer_latency_s
-    t_tp = (t_lin + t_attn) / n + t_comm
-    if not (m.is_moe and n > 1):
-        return t_tp + eff.step_overhead_s
-    dense_bytes = step_weight_bytes(m, s.bpp, 0, s.dense_bpp)  # what every device reads whole
-    t_lin_ep = max(dense_bytes / bw + (w_dec + w_pre - dense_bytes) / (n * bw), lin_flops_s / n)
-    a2a_bytes = moved / n * m.layers * m.experts_active * m.hidden * 3 * (n - 1) / n
-    t_ep = t_lin_ep + t_attn / n + a2a_bytes / link + 2 * m.layers * eff.a2a_latency_s
-    return min(t_tp, t_ep) + eff.step_overhead_s
+    # the layouts open to this step, less those whose bytes overflow a device (unless none fits: the time
+    # of a step is still defined, and `check_fit` is what refuses a configuration)
+    usable = h.memory_gb * 1e9 * eff.mem_headroom
+    open_ = layouts(s, n)
+    open_ = tuple(k for k in open_ if layout_bytes(s, n, b, k) <= usable) or open_
+    times = {}
+    if "tp" in open_:
+        t_comm = 0.0
+        if n > 1:
+            t_comm = allreduce_bytes(m, moved, n) / link + 2 * m.layers * eff.layer_latency_s
+        t_attn = max(kv_bytes / (kv_share(m, n) * bw), attn_flops_s / n) + pre_attn_s / n
+        times["tp"] = t_lin / n + t_attn + t_comm
+    if "ep" in open_:
+        dense_bytes = step_weight_bytes(m, s.bpp, 0, s.dense_bpp)  # what every device reads whole
+        t_lin_ep = max(dense_bytes / bw + (w_dec + w_pre - dense_bytes) / (n * bw), lin_flops_s / n)
+        t_attn = (max(kv_bytes / bw, attn_flops_s) + pre_attn_s) / n
+        a2a_bytes = moved / n * m.layers * m.experts_active * m.hidden * 3 * (n - 1) / n
+        times["ep"] = t_lin_ep + t_attn + a2a_bytes / link + 2 * m.layers * eff.a2a_latency_s
+    return min(times.values()) + eff.step_overhead_s
 
 
 def prefill_pass(s: Scenario, n: int, eff: Efficiency, hw: Hardware | None = None) -> tuple[float, int]:
@@ -349,7 +394,7 @@ def sweep(s: Scenario, eff: Efficiency = Efficiency(), concurrencies: list[int] 
     cs = concurrencies or [2**i for i in range(0, 13)]
     dom = s.prefill_hardware.scaleup_domain if s.mode == "sram-decode" and s.prefill_hardware else \
         s.hardware.scaleup_domain
-    ps = parallelisms or [p for p in (1, 2, 4, 8, 16, 32, 64, 72) if p <= dom]
+    ps = parallelisms or ([s.devices] if s.devices else [p for p in (1, 2, 4, 8, 16, 32, 64, 72) if p <= dom])
     pts = []
     last_error: CatalogError | None = None
     for n in ps:
