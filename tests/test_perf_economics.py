@@ -20,7 +20,7 @@ from tokenfab.perf.model import DoesNotFit, Efficiency, Scenario, check_fit, dec
 CAT = Catalog.default()
 MM_8B = 8.03e9 - 128256 * 4096  # Llama-3.1-8B's weights a token multiplies: all but the input embedding
 IDEAL = Efficiency(eff_mem=1.0, eff_compute=1.0, eff_prefill=1.0, eff_comm=1.0, step_overhead_s=0.0,
-                   layer_latency_s=0.0, a2a_latency_s=0.0)
+                   layer_latency_s=0.0, a2a_latency_s=0.0, token_cost_s=0.0)
 
 
 def test_decode_step_of_a_dense_model_is_bytes_over_bandwidth():
@@ -104,6 +104,26 @@ def test_expert_parallel_step_pays_the_measured_all_to_all_latency():
     assert Efficiency().a2a_latency_s == 25e-6
     assert paid - decode_step_s(s, 64, 64, ep_only) == pytest.approx(2 * 61 * 25e-6)
     assert paid < 2 * 61 * 1e-3  # the expert-parallel layout was the one taken
+
+
+def test_each_token_pays_its_work_outside_the_matmuls_and_wider_activations_set_the_expert_rate():
+    """token_cost_s: per token (decode or prompt) per layer per unit of hidden width, spread over the devices;
+    gpt-oss's MXFP4 experts run with MXFP8 activations on Blackwell, so at the fp8 rate."""
+    from tokenfab.perf.model import matmul_s_per_token, prefill_pass
+
+    s = Scenario(CAT.model("Llama-3.1-70B"), CAT.hw("B200"), "fp8", 1024, 1024)
+    cost = replace(IDEAL, token_cost_s=1e-10)
+    per_token = 80 * 8192 * 1e-10  # 65.5 us a token on an 8 TB/s part, whatever the precision
+    assert decode_step_s(s, 4, 64, cost, prefill_tokens=64) - decode_step_s(s, 4, 64, IDEAL, prefill_tokens=64) == \
+        pytest.approx(128 * per_token / 4)
+    assert prefill_pass(s, 2, cost)[0] - prefill_pass(s, 2, IDEAL)[0] == pytest.approx(8192 * per_token / 2)
+    h200 = replace(s, hardware=CAT.hw("H200"))  # 4.8 TB/s: the same work takes 8 / 4.8 times as long
+    assert decode_step_s(h200, 1, 1, cost) - decode_step_s(h200, 1, 1, IDEAL) == pytest.approx(per_token * 8 / 4.8)
+    oss, b200 = CAT.model("gpt-oss-120b"), CAT.hw("B200")
+    experts = 114.71 * 4 / 128
+    other = 5.13 - experts - 2 * 201088 * 2880 / 1e9  # attention etc. (bf16 in the checkpoint), without tables
+    expected = 2e9 * (other / 2250 + 201088 * 2880 / 1e9 / 2250 + experts / 4500) / 1e12
+    assert matmul_s_per_token(Scenario(oss, b200, "fp4"), b200) == pytest.approx(expected)
 
 
 def test_layouts_hold_and_read_what_they_copy():
@@ -238,14 +258,14 @@ def test_tier_table_validation():
 def test_calibration_recovers_known_efficiencies():
     """Synthetic rows made with known values of the fitted efficiencies (the others at their defaults, as
     `calibrate` keeps them) give those values back."""
-    truth = Efficiency(eff_mem=0.55, eff_compute=0.30, eff_prefill=0.4, layer_latency_s=1e-5)
+    truth = Efficiency(eff_mem=0.55, eff_compute=0.30, eff_prefill=0.4, layer_latency_s=1e-5, token_cost_s=3e-11)
     anchors = [a for a in load_anchors() if a.metric == "tok_s_gpu" and a.comparable and predictable(CAT, a)]
     assert len(anchors) >= 20
     synthetic = [type(a)(**{**a.__dict__, "value": predict(CAT, a, truth)}) for a in anchors]
     synthetic = [a for a in synthetic if a.value > 0][::2]  # unreachable speeds drop out; half keeps it quick
     assert len(synthetic) >= 10
     fitted = calibrate(CAT, synthetic)
-    for name in ("eff_mem", "eff_compute", "eff_prefill", "layer_latency_s"):
+    for name in ("eff_mem", "eff_compute", "eff_prefill", "layer_latency_s", "token_cost_s"):
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=0.02), name
     errs = [abs(e) for e in errors(CAT, synthetic, fitted)]
     assert max(errs) < 0.01

@@ -8,7 +8,7 @@ prediction is the frontier's tok/s per device at that speed, or the fastest spee
 metric, or its maximum for a "max throughput" row. A tok/s/GPU figure with no stated speed is not
 comparable with a point of a curve (the same hardware gives 90 or 5,000 tok/s/GPU depending on the
 speed): such rows are listed, not scored. The fit minimises squared log errors over (eff_mem,
-eff_compute, eff_prefill, layer_latency_s) within bounds: scipy's differential evolution (seeded),
+eff_compute, eff_prefill, layer_latency_s, token_cost_s) within bounds: scipy's differential evolution (seeded),
 then `least_squares`; step_overhead_s keeps the start's value (see FIT).
 """
 
@@ -31,10 +31,10 @@ from tokenfab.perf.model import Efficiency, Scenario, sweep
 # step_overhead_s is not fitted: on these rows it cannot be told apart from layer_latency_s (every
 # scored point runs on several devices, where both are constants per step; two half-fits traded
 # 0.1 ms + 33 us against 3.8 ms + 6 us), so it stays at its default and the fit is stable.
-FIT = ("eff_mem", "eff_compute", "eff_prefill", "layer_latency_s")
+FIT = ("eff_mem", "eff_compute", "eff_prefill", "layer_latency_s", "token_cost_s")
 BOUNDS = {"eff_mem": (0.2, 0.95), "eff_compute": (0.05, 0.9), "eff_prefill": (0.1, 0.9),
           "step_overhead_s": (1e-4, 0.05), "layer_latency_s": (1e-6, 2e-4),
-          "a2a_latency_s": (1e-6, 2e-4)}
+          "a2a_latency_s": (1e-6, 2e-4), "token_cost_s": (1e-12, 1e-9)}
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,9 @@ class Model:
     # a 4-bit checkpoint of a MoE model commonly quantizes only the routed experts: the precision the rest
     # (attention, shared experts, dense layers) keeps at "fp4" ("" = all weights at the stated precision)
     fp4_dense_precision: str = ""
+    # the precision a 4-bit checkpoint's expert matmuls compute at, where the serving stacks pair the 4-bit
+    # weights with wider activations ("" = 4-bit activations too, as NVFP4 W4A4 checkpoints run)
+    fp4_compute_precision: str = ""
     tied_embeddings: bool = False  # the LM head is the input embedding table
     aliases: tuple[str, ...] = ()
     source: str = ""
@@ -98,6 +101,10 @@ class Model:
     def dense_precision(self, precision: str) -> str:
         """The precision the non-expert weights are stored in when the checkpoint is at `precision`."""
         return self.fp4_dense_precision if precision == "fp4" and self.fp4_dense_precision else precision
+
+    def expert_compute_precision(self, precision: str) -> str:
+        """The precision the routed experts' matmuls run at when the checkpoint is at `precision`."""
+        return self.fp4_compute_precision if precision == "fp4" and self.fp4_compute_precision else precision
 
     def kv_bytes_per_token(self, kv_bytes: float) -> float:
         return self.layers * self.kv_elems_per_token_layer * kv_bytes

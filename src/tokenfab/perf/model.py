@@ -13,7 +13,9 @@ Decode step (one replica of `n` devices, `b` sequences, mean context L, `p` prom
                    + the prompt chunk's own attention FLOPs at eff_prefill
     t_comm       = all-reduces over the scale-up link (n > 1) + 2 x layers x layer_latency_s
                    (expert parallel: an all-to-all dispatch and combine per layer, each paying a2a_latency_s)
-    t_step       = t_matmul + t_attention + t_comm + step_overhead_s
+    t_token      = (b + p) x layers x hidden x token_cost_s x (8 TB/s / bandwidth) / n: each token's work
+                   outside the weight matmuls and attention, whatever the weights' precision
+    t_step       = t_matmul + t_attention + t_comm + t_token + step_overhead_s
 Each kind of kernel is bound by its own resource and they run one after another, so the step sums a
 roofline per kind rather than taking one max over the whole step. attended(L) stops at the window on
 sliding-window layers; absorbed MLA (DeepSeek) attends over the 576-wide latent.
@@ -44,28 +46,34 @@ from tokenfab.perf.catalog import BYTES_PER_PARAM, CatalogError, Hardware, Model
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Named efficiencies. The four fitted ones default to a fit on all 28 scored anchors.csv rows
-    (`benchmarks/perf_accuracy.py`, 2026-11-29, seventh session; docs/performance.md): public
-    measurements of B200, GB200 and H200 serving, so they describe tuned stacks (TensorRT-LLM, SGLang,
-    vLLM) on those parts.
-    eff_compute comes out low because it also carries per-token decode costs the roofline has no term
-    for; it is the least physical of them. The DeepSeek-R1 rows set it: fitting one model's rows alone
-    (with a per-token cost as a fifth term) gives 0.08 for DeepSeek-R1, 0.67 for Llama-3.3-70B and 0.84
-    for gpt-oss-120b (docs/performance.md, seventh session).
-    step_overhead_s is not fitted (see `calibrate.FIT`); 0.4 ms is what the earlier five-parameter
-    fit on all rows gave, and held-out errors move little anywhere in 0.1-1 ms."""
+    """Named efficiencies. The five fitted ones default to a fit on all 63 scored anchors.csv rows
+    (`benchmarks/perf_accuracy.py`, 2026-11-29, eighth session; docs/performance.md): public
+    measurements of B200, GB200, H200 and H100 serving (InferenceX, vendor posts, AIConfigurator) and
+    TensorRT-LLM's perf overview (offline maximum throughput), so they describe tuned stacks on those
+    parts, averaged over stacks and dates that differ: calibrate to your own stack where you can.
+    eff_compute is the least physical of them: it also carries per-token decode costs the roofline has
+    no term for. The serving benchmarks alone want it near 0.1 (and no token_cost_s), TensorRT-LLM's
+    offline runs near 0.5 with token_cost_s (docs/performance.md, eighth session).
+    step_overhead_s is not fitted (see `calibrate.FIT`); 0.4 ms is what an earlier five-parameter
+    fit on all rows gave, and held-out errors moved little anywhere in 0.1-1 ms."""
 
-    eff_mem: float = 0.544  # achieved / peak memory bandwidth in decode
-    eff_compute: float = 0.0822  # achieved / peak FLOPS for decode tokens (see above)
-    eff_prefill: float = 0.856  # achieved / peak FLOPS for prompt tokens
+    eff_mem: float = 0.503  # achieved / peak memory bandwidth in decode
+    eff_compute: float = 0.259  # achieved / peak FLOPS for decode tokens (see above)
+    eff_prefill: float = 0.745  # achieved / peak FLOPS for prompt tokens
     eff_comm: float = 0.60  # achieved / peak scale-up bandwidth (not fitted)
     step_overhead_s: float = 0.0004  # fixed per decode step (launches, sampling, scheduling); not fitted
-    layer_latency_s: float = 27.6e-6  # per layer per tensor-parallel all-reduce, or per chip hop (SRAM decode)
+    layer_latency_s: float = 25.5e-6  # per layer per tensor-parallel all-reduce, or per chip hop (SRAM decode)
     # per layer per expert-parallel all-to-all (dispatch or combine); not fitted, but taken from a measurement:
     # TensorRT-LLM's NVLink one-sided all-to-all on GB200 NVL72 (DeepSeek-V3 shapes, EP 8-64, 1-16 tokens per rank)
     # takes 18-29 us to dispatch and 31-35 us to combine (its tech blog 18), about 50 us the pair; more tokens add
     # their bytes over the link
     a2a_latency_s: float = 25e-6
+    # seconds per token (decode or prompt) per layer per unit of hidden width on a device with 8 TB/s of memory
+    # bandwidth (B200, GB200), scaled by bandwidth on others: what a token costs outside the weight matmuls and
+    # attention as the roofline counts them (norms, activation quantization, rotary embedding, routing and
+    # token shuffles, residuals, matmul tiles a small batch leaves idle), whatever the weights' precision. Fitted;
+    # far more than those kernels' bytes alone, so it stands for how real kernels fall short. GPU stacks only
+    token_cost_s: float = 4.97e-11
     mem_headroom: float = 0.90  # usable fraction of device memory (not fitted)
 
 
@@ -142,8 +150,9 @@ def step_weight_bytes(m: Model, bpp: float, b: float, dense_bpp: float | None = 
 
 def matmul_s_per_token(s: Scenario, h: Hardware) -> float:
     """Seconds one token's weight matmuls take at `h`'s peak: the routed experts at the scenario's
-    precision, the layers' other weights at theirs (Model.fp4_dense_precision), the LM head at 16 bits
-    (the input embedding is a lookup, not a matmul)."""
+    precision (or the wider one their activations run at, Model.fp4_compute_precision), the layers' other
+    weights at theirs (Model.fp4_dense_precision), the LM head at 16 bits (the input embedding is a
+    lookup, not a matmul)."""
     m = s.model
     dense_prec = m.dense_precision(s.precision)
     head_prec = "bf16" if BYTES_PER_PARAM[dense_prec] < BYTES_PER_PARAM["bf16"] else dense_prec
@@ -156,12 +165,21 @@ def matmul_s_per_token(s: Scenario, h: Hardware) -> float:
 
     layers = m.active_params_b - m.active_expert_params_b - m.table_params_b
     return 2.0 * 1e9 * (layers / peak(dense_prec) + m.embedding_params_b / peak(head_prec) +
-                        m.active_expert_params_b / h.peak_tflops(s.precision)) / 1e12
+                        m.active_expert_params_b / peak(m.expert_compute_precision(s.precision))) / 1e12
 
 
 def attention_flops(m: Model, tokens: float, context: float) -> float:
     """Prefill attention FLOPs (q.k and p.v over head_dim) for `tokens` tokens at mean `context`."""
     return 4.0 * tokens * m.attended(context) * m.heads * m.head_dim
+
+
+TOKEN_COST_REF_BW_TB_S = 8.0  # the memory bandwidth `Efficiency.token_cost_s` is stated at
+
+
+def token_s(m: Model, h: Hardware, eff: Efficiency) -> float:
+    """Seconds of work one token costs on `h` outside the weight matmuls and attention (`token_cost_s`,
+    scaled from 8 TB/s to `h`'s memory bandwidth: the work is mostly small, memory-bound kernels)."""
+    return m.layers * m.hidden * eff.token_cost_s * TOKEN_COST_REF_BW_TB_S / h.mem_bw_tb_s
 
 
 def allreduce_bytes(m: Model, tokens: float, n: int) -> float:
@@ -263,6 +281,7 @@ def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | N
     attn_flops_s = m.decode_attention_flops(tok, ctx) / (attn_peak * eff.eff_compute)
     pre_attn_s = attention_flops(m, prefill_tokens, s.isl / 2) / (attn_peak * eff.eff_prefill)
     t_lin = max((w_dec + w_pre) / bw, lin_flops_s)
+    t_token = token_s(m, h, eff) * (tok + prefill_tokens) / n  # tokens spread over n devices either way
     # the layouts open to this step, less those whose bytes overflow a device (unless none fits: the time
     # of a step is still defined, and `check_fit` is what refuses a configuration)
     usable = h.memory_gb * 1e9 * eff.mem_headroom
@@ -274,13 +293,13 @@ def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | N
         if n > 1:
             t_comm = allreduce_bytes(m, moved, n) / link + 2 * m.layers * eff.layer_latency_s
         t_attn = max(kv_bytes / (kv_share(m, n) * bw), attn_flops_s / n) + pre_attn_s / n
-        times["tp"] = t_lin / n + t_attn + t_comm
+        times["tp"] = t_lin / n + t_attn + t_comm + t_token
     if "ep" in open_:
         dense_bytes = step_weight_bytes(m, s.bpp, 0, s.dense_bpp)  # what every device reads whole
         t_lin_ep = max(dense_bytes / bw + (w_dec + w_pre - dense_bytes) / (n * bw), lin_flops_s / n)
         t_attn = (max(kv_bytes / bw, attn_flops_s) + pre_attn_s) / n
         a2a_bytes = moved / n * m.layers * m.experts_active * m.hidden * 3 * (n - 1) / n
-        times["ep"] = t_lin_ep + t_attn + a2a_bytes / link + 2 * m.layers * eff.a2a_latency_s
+        times["ep"] = t_lin_ep + t_attn + a2a_bytes / link + 2 * m.layers * eff.a2a_latency_s + t_token
     return min(times.values()) + eff.step_overhead_s
 
 
@@ -297,7 +316,7 @@ def prefill_pass(s: Scenario, n: int, eff: Efficiency, hw: Hardware | None = Non
     t_comm = 0.0
     if n > 1:
         t_comm = allreduce_bytes(m, tokens, n) / (h.scaleup_bw_gb_s * 1e9 * eff.eff_comm)
-    return max(t_comp, t_mem) + t_comm, prompts
+    return max(t_comp, t_mem) + t_comm + token_s(m, h, eff) * tokens / n, prompts
 
 
 def prefill_s(s: Scenario, n: int, eff: Efficiency, hw: Hardware | None = None) -> float:
