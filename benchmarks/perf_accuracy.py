@@ -7,6 +7,12 @@ shows every row with the default efficiencies, with the first split's fit, and i
 error. The defaults are themselves a fit on all scored rows, so their column is in-sample: the
 held-out columns are the test.
 
+The rows come from two kinds of source, and each is also calibrated on its own (its train half, scored
+on its held-out half, then swapped): online serving benchmarks at a stated token speed (InferenceX,
+vendor posts, AIConfigurator) and TensorRT-LLM's perf overview (offline maximum throughput, one stack).
+That is the use `tokenfab calibrate` is for: fit a stack's efficiencies on some of its measurements,
+then predict the rest.
+
     python benchmarks/perf_accuracy.py
 """
 
@@ -20,6 +26,10 @@ import sys
 from tokenfab.perf.calibrate import calibrate, errors, load_anchors, mode_for, split
 from tokenfab.perf.catalog import Catalog
 from tokenfab.perf.model import Efficiency
+
+
+def group(row) -> str:
+    return "TensorRT-LLM perf overview" if "perf overview" in row.label else "serving benchmarks"
 
 
 def main() -> int:
@@ -38,6 +48,16 @@ def main() -> int:
         fit = calibrate(cat, [r for r in scorable if r not in fold], base)
         cv_by_row.update({id(r): e for r, e in zip(fold, errors(cat, fold, fit))})
     cv = list(cv_by_row.values())
+    by_group = {}  # each kind of source calibrated on its own half, scored on its other half, and swapped
+    for g in sorted({group(r) for r in scorable}):
+        tr, he = [r for r in train if group(r) == g], [r for r in held if group(r) == g]
+        fit_g, fit_gs = calibrate(cat, tr, base), calibrate(cat, he, base)
+        by_group[g] = {"rows": len(tr) + len(he),
+                       "median_abs_error_default": statistics.median(abs(e) for e in errors(cat, tr + he, base)),
+                       "median_abs_error_heldout_calibrated": statistics.median(abs(e) for e in errors(cat, he, fit_g)),
+                       "median_abs_error_swapped_split_heldout": statistics.median(
+                           abs(e) for e in errors(cat, tr, fit_gs)),
+                       "fitted": dataclasses.asdict(fit_g), "fitted_swapped": dataclasses.asdict(fit_gs)}
     print("| row | hardware | model | precision | ISL/OSL | at tok/s/user | metric | measured | predicted (default, in-sample) "
           "| error | predicted (calibrated) | error | split | error, 4-fold CV |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -63,6 +83,7 @@ def main() -> int:
         "median_abs_error_heldout_calibrated": med([e1[i] for i in held_idx]),
         "median_abs_error_swapped_split_heldout": med([e2[i] for i, r in enumerate(rows) if r in train]),
         "median_abs_error_4fold_cv": med(cv),
+        "by_source_kind": by_group,
         "fitted": dataclasses.asdict(fitted), "fitted_swapped": dataclasses.asdict(swapped),
         "default": dataclasses.asdict(base),
     }
