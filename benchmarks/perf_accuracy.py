@@ -8,7 +8,8 @@ error. The defaults are themselves a fit on all scored rows, so their column is 
 held-out columns are the test.
 
 The rows come from two kinds of source, and each is also calibrated on its own (its train half, scored
-on its held-out half, then swapped): online serving benchmarks at a stated token speed (InferenceX,
+on its held-out half, then swapped, and a 4-fold cross-validation within it): online serving
+benchmarks at a stated token speed (InferenceX,
 vendor posts, AIConfigurator) and TensorRT-LLM's perf overview (offline maximum throughput, one stack).
 That is the use `tokenfab calibrate` is for: fit a stack's efficiencies on some of its measurements,
 then predict the rest.
@@ -52,11 +53,16 @@ def main() -> int:
     for g in sorted({group(r) for r in scorable}):
         tr, he = [r for r in train if group(r) == g], [r for r in held if group(r) == g]
         fit_g, fit_gs = calibrate(cat, tr, base), calibrate(cat, he, base)
+        rows_g, cv_g = [r for r in scorable if group(r) == g], []
+        for i in range(4):
+            fold = rows_g[i::4]
+            cv_g += errors(cat, fold, calibrate(cat, [r for r in rows_g if r not in fold], base))
         by_group[g] = {"rows": len(tr) + len(he),
                        "median_abs_error_default": statistics.median(abs(e) for e in errors(cat, tr + he, base)),
                        "median_abs_error_heldout_calibrated": statistics.median(abs(e) for e in errors(cat, he, fit_g)),
                        "median_abs_error_swapped_split_heldout": statistics.median(
                            abs(e) for e in errors(cat, tr, fit_gs)),
+                       "median_abs_error_4fold_cv": statistics.median(abs(e) for e in cv_g),
                        "fitted": dataclasses.asdict(fit_g), "fitted_swapped": dataclasses.asdict(fit_gs)}
     print("| row | hardware | model | precision | ISL/OSL | at tok/s/user | metric | measured | predicted (default, in-sample) "
           "| error | predicted (calibrated) | error | split | error, 4-fold CV |")

@@ -346,3 +346,25 @@ def test_measured_curve_rows_cap_the_sweep_at_the_runs_concurrency(tmp_path):
         load_efficiency(f)
     f.write_text(json.dumps({"eff_mem": 0.8}))
     assert load_efficiency(f) == Efficiency(eff_mem=0.8)
+
+
+def test_built_in_efficiency_sets_load_by_name_and_drive_the_cli():
+    """`--efficiency tensorrt-llm-offline` / `serving-benchmarks`: per-stack fits shipped as data; an unknown
+    name that is no file either says which sets exist."""
+    from tokenfab.perf.calibrate import efficiency_sets, load_efficiency
+
+    sets = efficiency_sets()
+    assert set(sets) == {"tensorrt-llm-offline", "serving-benchmarks"} and all(s["about"] for s in sets.values())
+    trt = load_efficiency("tensorrt-llm-offline")
+    assert trt.eff_compute == 0.511 and trt.layer_latency_s == Efficiency().layer_latency_s  # unnamed: default
+    assert load_efficiency("serving-benchmarks").eff_compute < trt.eff_compute
+    with pytest.raises(CatalogError, match="not a built-in set .*tensorrt-llm-offline"):
+        load_efficiency("tensorrt-llm")
+    cli = [sys.executable, "-m", "tokenfab.cli", "curve", "--hardware", "B200", "--model", "Llama-3.3-70B",
+           "--precision", "fp4"]
+    fast, slow = (subprocess.run(cli + ["--efficiency", name], capture_output=True, text=True, timeout=60)
+                  for name in ("tensorrt-llm-offline", "serving-benchmarks"))
+    assert fast.returncode == 0 and slow.returncode == 0, fast.stderr + slow.stderr
+    assert fast.stdout != slow.stdout
+    bad = subprocess.run(cli + ["--efficiency", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "built-in set" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--out", default=None, help="folder for claims.md and charts")
     for p in (cv, pl, cl):
         p.add_argument("--efficiency", default=None,
-                       help="JSON of efficiencies (from `tokenfab calibrate --out`; default: the built-in fit)")
+                       help="JSON of efficiencies (from `tokenfab calibrate --out`) or a built-in set: "
+                            "tensorrt-llm-offline, serving-benchmarks (default: the fit on all measured rows)")
     ca = sub.add_parser("calibrate", help="fit the performance model's efficiencies to measured points")
     ca.add_argument("--anchors", action="append", default=[],
                     help="CSV of measured rows, anchors.csv's columns (default: the package's anchors.csv)")
@@ -456,7 +457,7 @@ def cmd_claims(ns: argparse.Namespace) -> int:
 
 
 def _efficiency(ns: argparse.Namespace, cmd: str):  # type: ignore[no-untyped-def]
-    """--efficiency FILE, or the built-in defaults."""
+    """--efficiency FILE or built-in set name, or the built-in defaults."""
     from tokenfab.perf.calibrate import load_efficiency
     from tokenfab.perf.catalog import CatalogError
     from tokenfab.perf.model import Efficiency

@@ -21,8 +21,10 @@ import re
 from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 
 from tokenfab.curve import Curve, OperatingPoint, pareto
 from tokenfab.perf.catalog import Catalog, CatalogError
@@ -250,10 +252,23 @@ def measured_from_curve(curve: Curve, hardware: str, model: str, precision: str,
                      "aggregated", "none", cap) for p in pts]
 
 
+def efficiency_sets() -> dict[str, dict[str, Any]]:
+    """The built-in efficiency sets (`efficiency_sets.yaml`): name -> {"about": ..., "efficiency": {...}}."""
+    text = resources.files("tokenfab.perf").joinpath("efficiency_sets.yaml").read_text()
+    return yaml.safe_load(text)["sets"]
+
+
 def load_efficiency(path: str | Path) -> Efficiency:
-    """Efficiencies from a JSON file `tokenfab calibrate --out` wrote (or a flat {name: value} object)."""
+    """Efficiencies from a JSON file `tokenfab calibrate --out` wrote (or a flat {name: value} object), or
+    a built-in set by name (`efficiency_sets`); efficiencies a file or set does not name keep the defaults."""
+    sets = efficiency_sets()
+    if str(path) in sets and not Path(path).exists():
+        return Efficiency(**sets[str(path)]["efficiency"])
     try:
         data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CatalogError(f"cannot read efficiencies from {path}: no such file, and not a built-in set "
+                           f"({', '.join(sets)})") from None
     except (OSError, ValueError) as exc:
         raise CatalogError(f"cannot read efficiencies from {path}: {exc}") from None
     data = data.get("efficiency", data) if isinstance(data, dict) else data
