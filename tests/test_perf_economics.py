@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -156,7 +157,7 @@ def test_layouts_hold_and_read_what_they_copy():
     assert {p.extra["decode_devices"] for p in pinned.points} == {4}
 
 
-def test_rows_state_their_parallelism():
+def test_rows_state_their_parallelism(tmp_path):
     from tokenfab.perf.calibrate import configurations, parse_parallelism
 
     assert parse_parallelism("DEP4") == (4, "ep") and parse_parallelism("tp8") == (8, "tp")
@@ -164,6 +165,11 @@ def test_rows_state_their_parallelism():
     with pytest.raises(CatalogError, match="TP<n> or DEP<n>"):
         parse_parallelism("PP2")
     row = next(a for a in load_anchors() if a.parallelism == "DEP4" and a.model == "DeepSeek-R1")
+    bad = tmp_path / "rows.csv"  # a malformed parallelism is refused when the rows load, not skipped later
+    lines = (Path(__file__).resolve().parent.parent / "src/tokenfab/perf/anchors.csv").read_text().splitlines()
+    bad.write_text("\n".join([lines[0], next(x for x in lines if x.endswith(",DEP4")).replace(",DEP4", ",PP4")]))
+    with pytest.raises(CatalogError, match="'PP4'"):
+        load_anchors(bad)
     assert [(s.devices, s.layout, s.spec_tokens) for s in configurations(CAT, row)] == [(4, "ep", 0)]
 
 

@@ -92,6 +92,7 @@ def load_anchors(path: str | Path | None = None) -> list[Measured]:
         devices = int(m.group(1)) if m else None
         hw = (m.group(2) if m else hw).replace(" NVL72", "")
         model = row["model"].split(" / ")[0]
+        parse_parallelism(row.get("parallelism") or "")  # a malformed value fails here, naming itself
         out.append(Measured(row["subject"], hw, model, row["precision"] or "fp8",
                             int(row["isl"] or 1024), int(row["osl"] or 1024), row["metric"], float(row["value"]),
                             float(row["at_tok_s_user"]) if row["at_tok_s_user"] else None, devices, row["source"],
