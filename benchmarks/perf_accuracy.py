@@ -9,8 +9,8 @@ held-out columns are the test.
 
 The rows come from two kinds of source, and each is also calibrated on its own (its train half, scored
 on its held-out half, then swapped, and a 4-fold cross-validation within it): online serving
-benchmarks at a stated token speed (InferenceX,
-vendor posts, AIConfigurator) and TensorRT-LLM's perf overview (offline maximum throughput, one stack).
+benchmarks at a stated token speed (InferenceX, vendor posts, AIConfigurator) and TensorRT-LLM's perf
+overview (offline maximum throughput, one stack).
 That is the use `tokenfab calibrate` is for: fit a stack's efficiencies on some of its measurements,
 then predict the rest.
 
@@ -33,6 +33,20 @@ def group(row) -> str:
     return "TensorRT-LLM perf overview" if "perf overview" in row.label else "serving benchmarks"
 
 
+def med(es: list[float]) -> float:
+    return statistics.median(abs(e) for e in es)
+
+
+def cv_errors(cat, rows, base) -> dict:
+    """4-fold cross-validation: each row's error from a fit on the other three quarters, by row id."""
+    out = {}
+    for i in range(4):
+        fold = rows[i::4]
+        fit = calibrate(cat, [r for r in rows if r not in fold], base)
+        out.update({id(r): e for r, e in zip(fold, errors(cat, fold, fit))})
+    return out
+
+
 def main() -> int:
     cat = Catalog.default()
     rows = load_anchors()
@@ -43,26 +57,18 @@ def main() -> int:
     swapped = calibrate(cat, held, base)
     e2 = errors(cat, rows, swapped)
     scorable = train + held
-    folds = [scorable[i::4] for i in range(4)]  # 4-fold cross-validation: every row predicted by a fit without it
-    cv_by_row = {}
-    for fold in folds:
-        fit = calibrate(cat, [r for r in scorable if r not in fold], base)
-        cv_by_row.update({id(r): e for r, e in zip(fold, errors(cat, fold, fit))})
+    cv_by_row = cv_errors(cat, scorable, base)  # every row predicted by a fit without it
     cv = list(cv_by_row.values())
     by_group = {}  # each kind of source calibrated on its own half, scored on its other half, and swapped
     for g in sorted({group(r) for r in scorable}):
         tr, he = [r for r in train if group(r) == g], [r for r in held if group(r) == g]
         fit_g, fit_gs = calibrate(cat, tr, base), calibrate(cat, he, base)
-        rows_g, cv_g = [r for r in scorable if group(r) == g], []
-        for i in range(4):
-            fold = rows_g[i::4]
-            cv_g += errors(cat, fold, calibrate(cat, [r for r in rows_g if r not in fold], base))
+        cv_g = cv_errors(cat, [r for r in scorable if group(r) == g], base)
         by_group[g] = {"rows": len(tr) + len(he),
-                       "median_abs_error_default": statistics.median(abs(e) for e in errors(cat, tr + he, base)),
-                       "median_abs_error_heldout_calibrated": statistics.median(abs(e) for e in errors(cat, he, fit_g)),
-                       "median_abs_error_swapped_split_heldout": statistics.median(
-                           abs(e) for e in errors(cat, tr, fit_gs)),
-                       "median_abs_error_4fold_cv": statistics.median(abs(e) for e in cv_g),
+                       "median_abs_error_default": med(errors(cat, tr + he, base)),
+                       "median_abs_error_heldout_calibrated": med(errors(cat, he, fit_g)),
+                       "median_abs_error_swapped_split_heldout": med(errors(cat, tr, fit_gs)),
+                       "median_abs_error_4fold_cv": med(list(cv_g.values())),
                        "fitted": dataclasses.asdict(fit_g), "fitted_swapped": dataclasses.asdict(fit_gs)}
     print("| row | hardware | model | precision | ISL/OSL | at tok/s/user | metric | measured | predicted (default, in-sample) "
           "| error | predicted (calibrated) | error | split | error, 4-fold CV |")
@@ -75,9 +81,6 @@ def main() -> int:
               f"| {r.metric} ({mode_for(r)}) | {r.value:,.0f} | {r.value * (1 + a):,.0f} | {a:+.0%} | "
               f"{r.value * (1 + b):,.0f} | {b:+.0%} | {where} | "
               f"{format(cv_by_row[id(r)], '+.0%') if id(r) in cv_by_row else 'n/a'} |")
-
-    def med(es: list[float]) -> float:
-        return statistics.median(abs(e) for e in es)
 
     held_idx = [i for i, r in enumerate(rows) if r in held]
     scored = [i for i, r in enumerate(rows) if r in train or r in held]

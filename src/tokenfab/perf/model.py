@@ -232,11 +232,10 @@ def layout_bytes(s: Scenario, n: int, b: int, layout: str) -> float:
     the weights outside the routed experts whole on every device, splits the experts and the sequences."""
     m = s.model
     kv = b * (s.isl + s.osl) * m.kv_bytes_per_token(s.kv_bpp)
-    weights = weight_bytes(m, s.bpp, s.dense_bpp)
     if layout == "ep":
-        dense = weights - m.expert_params_b * 1e9 * s.bpp
-        return dense + (weights - dense) / n + kv / n
-    return weights / n + kv / kv_share(m, n)
+        experts = m.expert_params_b * 1e9 * s.bpp
+        return _non_expert_bytes(m, s.bpp, s.dense_bpp, m.table_params_b) + experts / n + kv / n
+    return weight_bytes(m, s.bpp, s.dense_bpp) / n + kv / kv_share(m, n)
 
 
 def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | None = None,
