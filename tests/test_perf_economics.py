@@ -167,10 +167,65 @@ def test_rows_state_their_parallelism(tmp_path):
     row = next(a for a in load_anchors() if a.parallelism == "DEP4" and a.model == "DeepSeek-R1")
     bad = tmp_path / "rows.csv"  # a malformed parallelism is refused when the rows load, not skipped later
     lines = (Path(__file__).resolve().parent.parent / "src/tokenfab/perf/anchors.csv").read_text().splitlines()
-    bad.write_text("\n".join([lines[0], next(x for x in lines if x.endswith(",DEP4")).replace(",DEP4", ",PP4")]))
+    bad.write_text("\n".join([lines[0], next(x for x in lines if ",DEP4," in x).replace(",DEP4,", ",PP4,")]))
     with pytest.raises(CatalogError, match="'PP4'"):
         load_anchors(bad)
     assert [(s.devices, s.layout, s.spec_tokens) for s in configurations(CAT, row)] == [(4, "ep", 0)]
+
+
+def test_sweep_ends_at_the_largest_batch_that_fits():
+    """An engine runs as many sequences as its KV cache holds, so a capacity-bound curve ends there, not at
+    the power of two below. Llama-3.1-8B bf16 on one H100: 16.06 GB of weights, 131,072 bytes of bf16 KV a
+    token (32 layers x 2 x 8 heads x 128 x 2 B), 2,048 tokens a sequence; 90% of 80 GB usable."""
+    from tokenfab.perf.model import max_batch
+
+    s = Scenario(CAT.model("Llama-3.1-8B"), CAT.hw("H100"), "bf16", 1024, 1024)
+    per_seq = 2048 * 131072
+    assert max_batch(s, 1, Efficiency()) == math.floor((72e9 - 16.06e9) / per_seq) == 208
+    assert max_batch(s, 2, Efficiency()) == math.floor((144e9 - 16.06e9) / per_seq) == 476  # weights split
+    check_fit(s, 1, 208, Efficiency())
+    with pytest.raises(DoesNotFit):
+        check_fit(s, 1, 209, Efficiency())
+    concs = sorted(p.concurrency for p in sweep(s, parallelisms=[1]).points)
+    assert concs == [1, 2, 4, 8, 16, 32, 64, 128, 208]
+    # a client cap below the capacity is the end instead; an explicit list is taken as given
+    assert max(p.concurrency for p in sweep(replace(s, max_concurrency=100), parallelisms=[1]).points) == 100
+    assert [p.concurrency for p in sweep(s, concurrencies=[4, 16], parallelisms=[1]).points] == [4, 16]
+
+
+def test_kv_cache_sized_from_the_memory_the_weights_leave_free():
+    """TensorRT-LLM gives the KV cache a fraction of the memory left after the weights
+    (kv_cache_free_gpu_mem_fraction, 0.9 by default); vLLM and SGLang a fraction of the whole device.
+    Llama-3.1-8B bf16 on one H100 at 0.9 of what 16.06 GB of weights leave free of 80 GB."""
+    from tokenfab.perf.calibrate import configurations
+    from tokenfab.perf.model import max_batch, usable_bytes
+
+    s = Scenario(CAT.model("Llama-3.1-8B"), CAT.hw("H100"), "bf16", 1024, 1024, kv_free_fraction=0.9)
+    assert usable_bytes(s, 1, "tp", Efficiency()) == pytest.approx(16.06e9 + 0.9 * (80e9 - 16.06e9))
+    assert max_batch(s, 1, Efficiency()) == math.floor(0.9 * (80e9 - 16.06e9) / (2048 * 131072)) == 214
+    with pytest.raises(DoesNotFit, match="GB missing"):
+        check_fit(s, 1, 215, Efficiency())
+    # a DeepSeek-R1 fp4 replica on four B200s (expert parallel) holds ~111 GB a device: the free fraction
+    # leaves its KV cache about a fifth more room than 90% of the device does
+    ds = Scenario(CAT.model("DeepSeek-R1"), CAT.hw("B200"), "fp4", 1024, 8192, devices=4, layout="ep")
+    assert 1.15 < max_batch(replace(ds, kv_free_fraction=0.9), 4, Efficiency()) / max_batch(ds, 4, Efficiency()) < 1.3
+    # TensorRT-LLM's perf-overview rows carry the default; the serving benchmarks state none
+    rows = load_anchors()
+    assert {a.kv_free_fraction for a in rows if "perf overview" in a.label} == {0.9}
+    assert {a.kv_free_fraction for a in rows if "perf overview" not in a.label} == {0.0}
+    row = next(a for a in rows if "perf overview" in a.label)
+    assert {c.kv_free_fraction for c in configurations(CAT, row)} == {0.9}
+
+
+def test_rows_with_a_malformed_kv_fraction_are_refused_naming_it(tmp_path):
+    lines = (Path(__file__).resolve().parent.parent / "src/tokenfab/perf/anchors.csv").read_text().splitlines()
+    bad = tmp_path / "rows.csv"
+    bad.write_text("\n".join([lines[0], next(x for x in lines if x.endswith(",0.9"))[:-len("0.9")] + "1.5"]))
+    with pytest.raises(CatalogError, match="kv_free_fraction '1.5'"):
+        load_anchors(bad)
+    r = subprocess.run([sys.executable, "-m", "tokenfab.cli", "curve", "--hardware", "B200", "--model",
+                        "Llama-3.3-70B", "--kv-free-fraction", "2"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--kv-free-fraction" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_moe_reads_only_touched_experts():

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="chance each draft token is accepted (default 0.85, DeepSeek-V3's MTP)")
     cv.add_argument("--max-concurrency", type=int, default=0,
                     help="most sequences a replica runs (an engine's or benchmark's limit; default: none)")
+    cv.add_argument("--kv-free-fraction", type=float, default=0.0,
+                    help="size the KV cache as TensorRT-LLM does: this fraction of the memory the weights leave "
+                         "free (its default is 0.9); default 0: weights and KV share 90%% of each device, as in "
+                         "vLLM and SGLang")
     cv.add_argument("--catalog", action="append", default=[], help="extra YAML with hardware:/models: entries")
     cv.add_argument("--out", default=None, help="write the Curve JSON and a PNG chart here (path without suffix)")
     pl = sub.add_parser("plan", help="plan a factory: power split across tiers and hardware, revenue, cost")
@@ -401,9 +405,12 @@ def cmd_curve(ns: argparse.Namespace) -> int:
             raise ValueError("--spec-tokens must be >= 0 and --spec-acceptance within [0, 1]")
         if ns.max_concurrency < 0:
             raise ValueError("--max-concurrency must be >= 0 (0: no limit)")
+        if not 0.0 <= ns.kv_free_fraction <= 1.0:
+            raise ValueError("--kv-free-fraction must be within [0, 1] (0: a share of the whole device)")
         curve = sweep(Scenario(model, hw, prec, ns.isl, ns.osl, mode=ns.mode, prefill_hardware=pre,
                                spec_tokens=ns.spec_tokens, spec_acceptance=ns.spec_acceptance,
-                               max_concurrency=ns.max_concurrency), _efficiency(ns, "curve"), parallelisms=par)
+                               max_concurrency=ns.max_concurrency, kv_free_fraction=ns.kv_free_fraction),
+                      _efficiency(ns, "curve"), parallelisms=par)
     except (CatalogError, ValueError, KeyError) as exc:
         raise UsageError(f"tokenfab curve: {str(exc).splitlines()[0]}") from None
     front = curve.frontier()

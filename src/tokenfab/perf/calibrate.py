@@ -57,6 +57,9 @@ class Measured:
     spec_decoding: str = ""  # mtp | none | "" (not stated)
     max_concurrency: int = 0  # the largest concurrency per server instance the source ran (0: not known)
     parallelism: str = ""  # the decode parallelism the source ran: "TP<n>" or "DEP<n>" (attention DP + EP); "" = any
+    # the KV cache's share of the memory left after the weights, where the engine sizes it that way
+    # (TensorRT-LLM's kv_cache_free_gpu_mem_fraction); 0 = a share of the whole device (Scenario.kv_free_fraction)
+    kv_free_fraction: float = 0.0
 
     @property
     def layout(self) -> tuple[int, str]:
@@ -93,13 +96,27 @@ def load_anchors(path: str | Path | None = None) -> list[Measured]:
         hw = (m.group(2) if m else hw).replace(" NVL72", "")
         model = row["model"].split(" / ")[0]
         parse_parallelism(row.get("parallelism") or "")  # a malformed value fails here, naming itself
+        kv_free = parse_fraction(row.get("kv_free_fraction") or "", "kv_free_fraction")
         out.append(Measured(row["subject"], hw, model, row["precision"] or "fp8",
                             int(row["isl"] or 1024), int(row["osl"] or 1024), row["metric"], float(row["value"]),
                             float(row["at_tok_s_user"]) if row["at_tok_s_user"] else None, devices, row["source"],
                             row.get("tokens_counted") or "output", row.get("serving") or "",
                             row.get("spec_decoding") or "", int(row.get("max_concurrency") or 0),
-                            row.get("parallelism") or ""))
+                            row.get("parallelism") or "", kv_free))
     return out
+
+
+def parse_fraction(text: str, name: str) -> float:
+    """'0.9' -> 0.9; '' -> 0.0 (not stated); anything outside (0, 1] fails, naming the value."""
+    if not text.strip():
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise CatalogError(f"{name} {text!r}: expected a fraction in (0, 1], e.g. 0.9")
+    return value
 
 
 def mode_for(m: Measured) -> str:
@@ -119,7 +136,8 @@ def configurations(cat: Catalog, m: Measured) -> list[Scenario]:
     the model over-credits those, since it charges neither the lower acceptance of later drafts nor
     their sequential draft passes, so they are left out.) A serving mode not stated is aggregated.
     `max_concurrency` caps the concurrency per replica where the source says how far it swept, and
-    `parallelism` pins the devices per replica and the layout where the source states them.
+    `parallelism` pins the devices per replica and the layout where the source states them, and
+    `kv_free_fraction` sizes the KV cache as the source's engine does.
     """
     model = cat.model(m.model)
     devices, layout = m.layout
@@ -133,7 +151,8 @@ def configurations(cat: Catalog, m: Measured) -> list[Scenario]:
     else:
         drafts = [0, 1]
     return [Scenario(model, cat.hw(m.hardware), m.precision, m.isl, m.osl, mode=mode, spec_tokens=k,
-                     max_concurrency=m.max_concurrency, devices=devices, layout=layout) for k in drafts]
+                     max_concurrency=m.max_concurrency, devices=devices, layout=layout,
+                     kv_free_fraction=m.kv_free_fraction) for k in drafts]
 
 
 def throughput_at_speed(points: list[OperatingPoint], speed: float) -> float:

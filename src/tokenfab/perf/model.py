@@ -98,6 +98,11 @@ class Scenario:
     # ("tp": tensor parallel; "ep": expert parallel with data-parallel attention; "" = whichever is faster)
     devices: int = 0
     layout: str = ""
+    # how the engine sizes its KV cache: 0 = weights and KV share `Efficiency.mem_headroom` of each device
+    # (vLLM's gpu_memory_utilization, SGLang's mem_fraction_static: fractions of the whole device); > 0 =
+    # the KV cache gets this fraction of the memory the weights leave free (TensorRT-LLM's
+    # kv_cache_free_gpu_mem_fraction, 0.9 by default)
+    kv_free_fraction: float = 0.0
 
     @property
     def tokens_per_step(self) -> float:
@@ -195,6 +200,18 @@ def bytes_needed(s: Scenario, b: int, weights: bool = True) -> float:
     return kv + (weight_bytes(s.model, s.bpp, s.dense_bpp) if weights else 0.0)
 
 
+def usable_bytes(s: Scenario, n: int, layout: str, eff: Efficiency, hw: Hardware | None = None,
+                 weights: bool = True) -> float:
+    """Bytes each of `n` devices may fill with weights and KV cache in `layout`, by the engine's budget
+    (`Scenario.kv_free_fraction`): a fraction of the whole device, or the weights plus a fraction of
+    what they leave free. With `weights` False the devices hold KV only."""
+    total = (hw or s.hardware).memory_gb * 1e9
+    if not s.kv_free_fraction:
+        return total * eff.mem_headroom
+    held = layout_bytes(s, n, 0, layout) if weights else 0.0
+    return held + s.kv_free_fraction * max(0.0, total - held)
+
+
 def min_devices(s: Scenario, b: int, eff: Efficiency) -> int:
     return max(1, math.ceil(bytes_needed(s, b) / (s.hardware.memory_gb * 1e9 * eff.mem_headroom)))
 
@@ -203,15 +220,35 @@ def check_fit(s: Scenario, n: int, b: int, eff: Efficiency, weights: bool = True
     """Raise DoesNotFit unless `b` full-length sequences fit on `n` devices in some layout the scenario
     allows (`layouts`, `layout_bytes`); with `weights` False, their KV cache alone (spread n ways)."""
     h = s.hardware
-    if weights:
-        need = n * min(layout_bytes(s, n, b, k) for k in layouts(s, n))
+    if weights:  # the layout that comes closest to fitting
+        need, have = min(((n * layout_bytes(s, n, b, k), n * usable_bytes(s, n, k, eff)) for k in layouts(s, n)),
+                         key=lambda nh: nh[0] - nh[1])
     else:
-        need = bytes_needed(s, b, weights)
-    have = n * h.memory_gb * 1e9 * eff.mem_headroom
+        need, have = bytes_needed(s, b, weights), n * usable_bytes(s, n, "tp", eff, weights=False)
     if need > have:
         raise DoesNotFit(f"{s.model.name} at {s.precision} with {b} sequences of {s.isl + s.osl} tokens needs "
                          f"{need / 1e9:,.0f} GB but {n} x {h.name} offer {have / 1e9:,.0f} GB usable: "
                          f"{(need - have) / 1e9:,.0f} GB missing (use more devices, lower precision or fewer sequences)")
+
+
+def max_batch(s: Scenario, n: int, eff: Efficiency, weights: bool = True) -> int:
+    """The most full-length sequences `n` devices hold in some layout the scenario allows (what
+    `check_fit` accepts; 0 if not even one fits): an engine runs as many as its KV cache holds, so a
+    capacity-bound frontier ends there, not at the power of two below it. With `weights` False, the
+    devices hold KV only (the GPU pool behind an SRAM decoder)."""
+    per_seq = (s.isl + s.osl) * s.model.kv_bytes_per_token(s.kv_bpp)
+    if not weights:
+        return max(0, math.floor(n * usable_bytes(s, n, "tp", eff, weights=False) / per_seq))
+    best = 0
+    for k in layouts(s, n):  # bytes per device are linear in b: a fixed part plus a per-sequence part
+        usable = usable_bytes(s, n, k, eff)
+        fixed = layout_bytes(s, n, 0, k)
+        per = layout_bytes(s, n, 1, k) - fixed
+        b = math.floor((usable - fixed) / per) if per > 0 else 0
+        while b > 0 and layout_bytes(s, n, b, k) > usable:  # guard the floor against rounding
+            b -= 1
+        best = max(best, b)
+    return best
 
 
 def layouts(s: Scenario, n: int) -> tuple[str, ...]:
@@ -283,9 +320,8 @@ def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | N
     t_token = token_s(m, h, eff) * (tok + prefill_tokens) / n  # tokens spread over n devices either way
     # the layouts open to this step, less those whose bytes overflow a device (unless none fits: the time
     # of a step is still defined, and `check_fit` is what refuses a configuration)
-    usable = h.memory_gb * 1e9 * eff.mem_headroom
     open_ = layouts(s, n)
-    open_ = tuple(k for k in open_ if layout_bytes(s, n, b, k) <= usable) or open_
+    open_ = tuple(k for k in open_ if layout_bytes(s, n, b, k) <= usable_bytes(s, n, k, eff, h)) or open_
     times = {}
     if "tp" in open_:
         t_comm = 0.0
@@ -408,14 +444,29 @@ def _sram_point(s: Scenario, n_gpu: int, b: int, eff: Efficiency) -> OperatingPo
 
 def sweep(s: Scenario, eff: Efficiency = Efficiency(), concurrencies: list[int] | None = None,
           parallelisms: list[int] | None = None) -> Curve:
-    """Every fitting (parallelism, concurrency) point; `Curve.frontier()` gives the Pareto set."""
-    cs = concurrencies or [2**i for i in range(0, 13)]
+    """Every fitting (parallelism, concurrency) point; `Curve.frontier()` gives the Pareto set.
+
+    Without `concurrencies`, each parallelism is swept over powers of two up to 4096 and also run at
+    its `max_batch` and at the scenario's `max_concurrency` (the lower where both apply) when that falls
+    inside the sweep: the throughput end of a capacity- or client-bound curve is the batch an engine
+    actually runs, not the power of two below it."""
+    base = concurrencies or [2**i for i in range(0, 13)]
     dom = s.prefill_hardware.scaleup_domain if s.mode == "sram-decode" and s.prefill_hardware else \
         s.hardware.scaleup_domain
     ps = parallelisms or ([s.devices] if s.devices else [p for p in (1, 2, 4, 8, 16, 32, 64, 72) if p <= dom])
     pts = []
     last_error: CatalogError | None = None
     for n in ps:
+        cs = base
+        if not concurrencies:
+            if s.mode == "sram-decode":  # the GPU pool holds the KV cache, the chips the weights
+                ends = {max_batch(replace(s, hardware=s.prefill_hardware), n, eff, weights=False)
+                        if s.prefill_hardware else 0}
+            else:
+                ends = {max_batch(s, n, eff)}
+            if s.max_concurrency:
+                ends = {min(*ends, s.max_concurrency)}
+            cs = sorted(set(base) | {b for b in ends if 0 < b < max(base)})  # within the sweep's range
         for b in cs:
             if s.max_concurrency and b > s.max_concurrency:
                 continue
