@@ -96,6 +96,21 @@ def test_attention_shapes_mla_and_sliding_window():
     assert CAT.model("Llama-3.1-70B").decode_attention_flops(2, 10) == 4 * 2 * 10 * 80 * 64 * 128
 
 
+def test_sliding_window_layers_hold_only_their_window():
+    """A windowed layer's cache stops at its window (TensorRT-LLM's per-window pools, vLLM's hybrid KV
+    cache manager), so gpt-oss-120b at 1k/32k holds about half the KV a full-attention count gives, and
+    fits about twice the sequences. fp8 KV: 1,024 elements (8 heads x 64 x K,V) a token a layer."""
+    from tokenfab.perf.model import bytes_needed, layout_bytes, max_batch, weight_bytes
+
+    oss = CAT.model("gpt-oss-120b")
+    held = (18 * 33792 + 18 * 128) * 1024
+    assert oss.kv_bytes_held(33792, 1.0) == held < 0.51 * 36 * 33792 * 1024
+    s = Scenario(oss, CAT.hw("GB200"), "fp4", 1024, 32768)
+    assert bytes_needed(s, 10) == pytest.approx(weight_bytes(oss, 0.5625, 2.0) + 10 * held)
+    assert layout_bytes(s, 1, 10, "tp") == pytest.approx(bytes_needed(s, 10))
+    assert max_batch(s, 1, Efficiency()) == math.floor((0.9 * 186e9 - weight_bytes(oss, 0.5625, 2.0)) / held)
+
+
 def test_expert_parallel_step_pays_the_measured_all_to_all_latency():
     """Wide EP (DeepSeek-R1 on 64 GB200s): each of 61 layers dispatches and combines once, 25 us each by default
     (TensorRT-LLM's NVLink all-to-all, measured); a costly all-reduce keeps tensor parallel out of the comparison."""

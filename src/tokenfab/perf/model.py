@@ -196,7 +196,7 @@ def allreduce_bytes(m: Model, tokens: float, n: int) -> float:
 def bytes_needed(s: Scenario, b: int, weights: bool = True) -> float:
     """Memory `b` full-length sequences need: their KV cache, plus all the weights unless `weights` is
     False (a pool that holds only KV, as the GPUs behind an SRAM decoder do)."""
-    kv = b * (s.isl + s.osl) * s.model.kv_bytes_per_token(s.kv_bpp)
+    kv = b * s.model.kv_bytes_held(s.isl + s.osl, s.kv_bpp)
     return kv + (weight_bytes(s.model, s.bpp, s.dense_bpp) if weights else 0.0)
 
 
@@ -236,7 +236,7 @@ def max_batch(s: Scenario, n: int, eff: Efficiency, weights: bool = True) -> int
     `check_fit` accepts; 0 if not even one fits): an engine runs as many as its KV cache holds, so a
     capacity-bound frontier ends there, not at the power of two below it. With `weights` False, the
     devices hold KV only (the GPU pool behind an SRAM decoder)."""
-    per_seq = (s.isl + s.osl) * s.model.kv_bytes_per_token(s.kv_bpp)
+    per_seq = s.model.kv_bytes_held(s.isl + s.osl, s.kv_bpp)
     if not weights:
         return max(0, math.floor(n * usable_bytes(s, n, "tp", eff, weights=False) / per_seq))
     best = 0
@@ -268,7 +268,7 @@ def layout_bytes(s: Scenario, n: int, b: int, layout: str) -> float:
     the weights n ways and the KV cache `kv_share` ways; expert parallel with data-parallel attention keeps
     the weights outside the routed experts whole on every device, splits the experts and the sequences."""
     m = s.model
-    kv = b * (s.isl + s.osl) * m.kv_bytes_per_token(s.kv_bpp)
+    kv = b * m.kv_bytes_held(s.isl + s.osl, s.kv_bpp)
     if layout == "ep":
         experts = m.expert_params_b * 1e9 * s.bpp
         return _non_expert_bytes(m, s.bpp, s.dense_bpp, m.table_params_b) + experts / n + kv / n
@@ -387,7 +387,7 @@ def point(s: Scenario, n: int, b: int, eff: Efficiency = Efficiency()) -> Operat
         req_rate = b * e / (s.osl * t_step)  # requests/s one decode replica finishes
         prefill_devices = np_ * req_rate * t_pre  # devices busy prefilling to keep up
         devices = n + prefill_devices
-        kv_bytes = s.isl * m.kv_bytes_per_token(s.kv_bpp)
+        kv_bytes = m.kv_bytes_held(s.isl, s.kv_bpp)
         ttft = t_pass + kv_bytes / (min(h.scaleup_bw_gb_s, ph.scaleup_bw_gb_s) * 1e9 * eff.eff_comm)
         kw = (n * h.kw_all_in + prefill_devices * ph.kw_all_in) / devices
     else:
