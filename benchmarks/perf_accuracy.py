@@ -14,7 +14,11 @@ overview (offline maximum throughput, one stack).
 That is the use `tokenfab calibrate` is for: fit a stack's efficiencies on some of its measurements,
 then predict the rest.
 
+`--by-model` instead calibrates each model of each kind of source on its own rows (groups of at least
+eight): one deployment's model measured across parts and lengths, the finest calibration a user has.
+
     python benchmarks/perf_accuracy.py
+    python benchmarks/perf_accuracy.py --by-model
 """
 
 from __future__ import annotations
@@ -47,9 +51,38 @@ def cv_errors(cat, rows, base) -> dict:
     return out
 
 
+def by_model(cat, rows, base) -> int:
+    """Each (kind of source, model) with at least eight scored rows calibrated on itself: every other row
+    held out, the halves swapped, and a 4-fold cross-validation within the group."""
+    from tokenfab.perf.calibrate import scorable
+
+    rows = scorable(cat, rows, base)
+    out, cv_all = {}, []
+    print("| kind of source | model | rows | held out | swapped | 4-fold CV |")
+    print("|---|---|---|---|---|---|")
+    for g, model in sorted({(group(r), r.model) for r in rows}):
+        rs = [r for r in rows if group(r) == g and r.model == model]
+        if len(rs) < 8:
+            continue
+        tr, he = rs[0::2], rs[1::2]
+        held = med(errors(cat, he, calibrate(cat, tr, base)))
+        swapped = med(errors(cat, tr, calibrate(cat, he, base)))
+        cv = list(cv_errors(cat, rs, base).values())
+        cv_all += cv
+        out[f"{g} / {model}"] = {"rows": len(rs), "median_abs_error_heldout_calibrated": held,
+                                 "median_abs_error_swapped_split_heldout": swapped, "median_abs_error_4fold_cv": med(cv)}
+        print(f"| {g} | {model} | {len(rs)} | {held:.1%} | {swapped:.1%} | {med(cv):.1%} |", flush=True)
+    print()
+    print(json.dumps({"groups": out, "rows_cross_validated": len(cv_all),
+                      "median_abs_error_4fold_cv_all_groups": med(cv_all)}, indent=2))
+    return 0
+
+
 def main() -> int:
     cat = Catalog.default()
     rows = load_anchors()
+    if "--by-model" in sys.argv[1:]:
+        return by_model(cat, rows, Efficiency())
     train, held = split(rows, cat)
     base = Efficiency()
     fitted = calibrate(cat, train, base)

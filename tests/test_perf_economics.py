@@ -432,7 +432,8 @@ def test_built_in_efficiency_sets_load_by_name_and_drive_the_cli():
     sets = efficiency_sets()
     assert set(sets) == {"tensorrt-llm-offline", "serving-benchmarks"} and all(s["about"] for s in sets.values())
     trt = load_efficiency("tensorrt-llm-offline")
-    assert trt.eff_compute == 0.511 and trt.layer_latency_s == Efficiency().layer_latency_s  # unnamed: default
+    assert trt.eff_compute == sets["tensorrt-llm-offline"]["efficiency"]["eff_compute"]
+    assert trt.layer_latency_s == Efficiency().layer_latency_s  # unnamed: the default
     assert load_efficiency("serving-benchmarks").eff_compute < trt.eff_compute
     with pytest.raises(CatalogError, match="not a built-in set .*tensorrt-llm-offline"):
         load_efficiency("tensorrt-llm")

@@ -47,22 +47,23 @@ from tokenfab.perf.catalog import BYTES_PER_PARAM, CatalogError, Hardware, Model
 @dataclass(frozen=True)
 class Efficiency:
     """Named efficiencies. The five fitted ones default to a fit on all 63 scored anchors.csv rows
-    (`benchmarks/perf_accuracy.py`, 2026-11-29, eighth session; docs/performance.md): public
+    (`tokenfab calibrate`, 2026-12-01, ninth session; accuracy by `benchmarks/perf_accuracy.py` in
+    docs/performance.md): public
     measurements of B200, GB200, H200 and H100 serving (InferenceX, vendor posts, AIConfigurator) and
     TensorRT-LLM's perf overview (offline maximum throughput), so they describe tuned stacks on those
     parts, averaged over stacks and dates that differ: calibrate to your own stack where you can.
     eff_compute is the least physical of them: it also carries per-token decode costs the roofline has
     no term for. The serving benchmarks alone want it near 0.1 (and no token_cost_s), TensorRT-LLM's
-    offline runs near 0.5 with token_cost_s (docs/performance.md, eighth session).
+    offline runs far higher with token_cost_s (docs/performance.md, eighth and ninth sessions).
     step_overhead_s is not fitted (see `calibrate.FIT`); 0.4 ms is what an earlier five-parameter
     fit on all rows gave, and held-out errors moved little anywhere in 0.1-1 ms."""
 
-    eff_mem: float = 0.503  # achieved / peak memory bandwidth in decode
-    eff_compute: float = 0.259  # achieved / peak FLOPS for decode tokens (see above)
-    eff_prefill: float = 0.745  # achieved / peak FLOPS for prompt tokens
+    eff_mem: float = 0.458  # achieved / peak memory bandwidth in decode
+    eff_compute: float = 0.287  # achieved / peak FLOPS for decode tokens (see above)
+    eff_prefill: float = 0.847  # achieved / peak FLOPS for prompt tokens
     eff_comm: float = 0.60  # achieved / peak scale-up bandwidth (not fitted)
     step_overhead_s: float = 0.0004  # fixed per decode step (launches, sampling, scheduling); not fitted
-    layer_latency_s: float = 25.5e-6  # per layer per tensor-parallel all-reduce, or per chip hop (SRAM decode)
+    layer_latency_s: float = 24.5e-6  # per layer per tensor-parallel all-reduce, or per chip hop (SRAM decode)
     # per layer per expert-parallel all-to-all (dispatch or combine); not fitted, but taken from a measurement:
     # TensorRT-LLM's NVLink one-sided all-to-all on GB200 NVL72 (DeepSeek-V3 shapes, EP 8-64, 1-16 tokens per rank)
     # takes 18-29 us to dispatch and 31-35 us to combine (its tech blog 18), about 50 us the pair; more tokens add
@@ -73,7 +74,7 @@ class Efficiency:
     # attention as the roofline counts them (norms, activation quantization, rotary embedding, routing and
     # token shuffles, residuals, matmul tiles a small batch leaves idle), whatever the weights' precision. Fitted;
     # far more than those kernels' bytes alone, so it stands for how real kernels fall short. GPU stacks only
-    token_cost_s: float = 4.97e-11
+    token_cost_s: float = 5.74e-11
     mem_headroom: float = 0.90  # usable fraction of device memory (not fitted)
 
 
