@@ -106,9 +106,6 @@ class Model:
         """The precision the routed experts' matmuls run at when the checkpoint is at `precision`."""
         return self.fp4_compute_precision if precision == "fp4" and self.fp4_compute_precision else precision
 
-    def kv_bytes_per_token(self, kv_bytes: float) -> float:
-        return self.layers * self.kv_elems_per_token_layer * kv_bytes
-
     def kv_bytes_held(self, tokens: float, kv_bytes: float) -> float:
         """KV-cache bytes a sequence of `tokens` tokens holds: sliding-window layers keep only their window
         (TensorRT-LLM gives each window size its own pool; vLLM's hybrid KV cache manager reserves the

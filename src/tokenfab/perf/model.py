@@ -31,6 +31,10 @@ Disaggregated: decode runs pure steps; a prefill pool sized to keep up adds devi
 batching prompts up to `prefill_chunk_tokens`; TTFT adds the KV transfer. SRAM decode (LPU-style):
 weights spread over enough chips' SRAM, decode bounded by SRAM bandwidth, compute and a per-layer
 chip-to-chip hop; a GPU pool does prefill and attention.
+Capacity: a replica holds its weights and b full-length sequences' KV cache (sliding-window layers
+only their window) within the engine's budget: a fraction of each device (vLLM, SGLang) or the weights
+plus a fraction of what they leave free (TensorRT-LLM, `Scenario.kv_free_fraction`). A sweep runs each
+parallelism up to the largest batch that fits (`max_batch`).
 Every efficiency is a named parameter (`Efficiency`) with a default; `calibrate` fits them.
 """
 
@@ -461,13 +465,14 @@ def sweep(s: Scenario, eff: Efficiency = Efficiency(), concurrencies: list[int] 
         cs = base
         if not concurrencies:
             if s.mode == "sram-decode":  # the GPU pool holds the KV cache, the chips the weights
-                ends = {max_batch(replace(s, hardware=s.prefill_hardware), n, eff, weights=False)
-                        if s.prefill_hardware else 0}
+                end = max_batch(replace(s, hardware=s.prefill_hardware), n, eff, weights=False) \
+                    if s.prefill_hardware else 0
             else:
-                ends = {max_batch(s, n, eff)}
+                end = max_batch(s, n, eff)
             if s.max_concurrency:
-                ends = {min(*ends, s.max_concurrency)}
-            cs = sorted(set(base) | {b for b in ends if 0 < b < max(base)})  # within the sweep's range
+                end = min(end, s.max_concurrency)
+            if 0 < end < max(base):  # within the sweep's range
+                cs = sorted({*base, end})
         for b in cs:
             if s.max_concurrency and b > s.max_concurrency:
                 continue
