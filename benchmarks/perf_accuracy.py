@@ -28,7 +28,7 @@ import json
 import statistics
 import sys
 
-from tokenfab.perf.calibrate import calibrate, errors, load_anchors, mode_for, split
+from tokenfab.perf.calibrate import calibrate, errors, load_anchors, mode_for, scorable, split
 from tokenfab.perf.catalog import Catalog
 from tokenfab.perf.model import Efficiency
 
@@ -54,8 +54,6 @@ def cv_errors(cat, rows, base) -> dict:
 def by_model(cat, rows, base) -> int:
     """Each (kind of source, model) with at least eight scored rows calibrated on itself: every other row
     held out, the halves swapped, and a 4-fold cross-validation within the group."""
-    from tokenfab.perf.calibrate import scorable
-
     rows = scorable(cat, rows, base)
     out, cv_all = {}, []
     print("| kind of source | model | rows | held out | swapped | 4-fold CV |")
@@ -64,7 +62,7 @@ def by_model(cat, rows, base) -> int:
         rs = [r for r in rows if group(r) == g and r.model == model]
         if len(rs) < 8:
             continue
-        tr, he = rs[0::2], rs[1::2]
+        tr, he = split(rs)  # the same every-other split as the all-rows fits, within the group
         held = med(errors(cat, he, calibrate(cat, tr, base)))
         swapped = med(errors(cat, tr, calibrate(cat, he, base)))
         cv = list(cv_errors(cat, rs, base).values())
@@ -89,14 +87,14 @@ def main() -> int:
     e0, e1 = errors(cat, rows, base), errors(cat, rows, fitted)
     swapped = calibrate(cat, held, base)
     e2 = errors(cat, rows, swapped)
-    scorable = train + held
-    cv_by_row = cv_errors(cat, scorable, base)  # every row predicted by a fit without it
+    scored_rows = train + held
+    cv_by_row = cv_errors(cat, scored_rows, base)  # every row predicted by a fit without it
     cv = list(cv_by_row.values())
     by_group = {}  # each kind of source calibrated on its own half, scored on its other half, and swapped
-    for g in sorted({group(r) for r in scorable}):
+    for g in sorted({group(r) for r in scored_rows}):
         tr, he = [r for r in train if group(r) == g], [r for r in held if group(r) == g]
         fit_g, fit_gs = calibrate(cat, tr, base), calibrate(cat, he, base)
-        cv_g = cv_errors(cat, [r for r in scorable if group(r) == g], base)
+        cv_g = cv_errors(cat, [r for r in scored_rows if group(r) == g], base)
         by_group[g] = {"rows": len(tr) + len(he),
                        "median_abs_error_default": med(errors(cat, tr + he, base)),
                        "median_abs_error_heldout_calibrated": med(errors(cat, he, fit_g)),
