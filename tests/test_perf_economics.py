@@ -14,14 +14,15 @@ from tokenfab.curve import Curve, OperatingPoint, Provenance
 from tokenfab.economics.cost import request_cost_usd, usd_per_mtok_from_device_hour
 from tokenfab.economics.planner import HardwareOption, PlanError, TierDemand, plan_factory
 from tokenfab.economics.tiers import SLO, Tier, TierError, TierTable, default_tiers
-from tokenfab.perf.calibrate import calibrate, errors, load_anchors, predict, predictable
+from tokenfab.perf.calibrate import FIT, calibrate, errors, load_anchors, predict, predictable
 from tokenfab.perf.catalog import Catalog, CatalogError
 from tokenfab.perf.model import DoesNotFit, Efficiency, Scenario, check_fit, decode_step_s, point, sweep
 
 CAT = Catalog.default()
 MM_8B = 8.03e9 - 128256 * 4096  # Llama-3.1-8B's weights a token multiplies: all but the input embedding
 IDEAL = Efficiency(eff_mem=1.0, eff_compute=1.0, eff_prefill=1.0, eff_comm=1.0, step_overhead_s=0.0,
-                   layer_latency_s=0.0, a2a_latency_s=0.0, token_cost_s=0.0)
+                   layer_latency_s=0.0, a2a_latency_s=0.0, token_cost_s=0.0, moe_token_cost_s=0.0,
+                   eff_attention=1.0)
 
 
 def test_decode_step_of_a_dense_model_is_bytes_over_bandwidth():
@@ -140,6 +141,24 @@ def test_each_token_pays_its_work_outside_the_matmuls_and_wider_activations_set_
     other = 5.13 - experts - 2 * 201088 * 2880 / 1e9  # attention etc. (bf16 in the checkpoint), without tables
     expected = 2e9 * (other / 2250 + 201088 * 2880 / 1e9 / 2250 + experts / 4500) / 1e12
     assert matmul_s_per_token(Scenario(oss, b200, "fp4"), b200) == pytest.approx(expected)
+
+
+def test_moe_layers_pay_their_own_token_cost_and_attention_kernels_their_own_rate():
+    """moe_token_cost_s: what a MoE model's token costs on top of token_cost_s (routing, permuting to the
+    experts and back), per layer per unit of hidden width; a dense model pays none. eff_attention: decode
+    attention where it is compute-bound (DeepSeek's absorbed MLA: 2 x 128 heads x (576 + 512) FLOPs per
+    cached token-layer against 576 bytes of fp8 cache) runs at its own share of the bf16 peak."""
+    oss, llama, b200 = CAT.model("gpt-oss-120b"), CAT.model("Llama-3.1-70B"), CAT.hw("B200")
+    moe = replace(IDEAL, moe_token_cost_s=1e-10)
+    s = Scenario(oss, b200, "fp4", 1024, 1024)
+    assert decode_step_s(s, 1, 64, moe) - decode_step_s(s, 1, 64, IDEAL) == pytest.approx(64 * 36 * 2880 * 1e-10)
+    dense = Scenario(llama, b200, "fp8", 1024, 1024)
+    assert decode_step_s(dense, 1, 64, moe) == decode_step_s(dense, 1, 64, IDEAL)
+    ds = Scenario(CAT.model("DeepSeek-R1"), b200, "fp4", 1024, 1024)
+    flops = 2 * 256 * 61 * 1536 * 128 * (576 + 512)  # 256 sequences at mean context 1536, 61 layers
+    assert flops / 2250e12 > 256 * 61 * 1536 * 576 / 8e12  # compute-bound at the peak
+    half = replace(IDEAL, eff_attention=0.5)
+    assert decode_step_s(ds, 1, 256, half) - decode_step_s(ds, 1, 256, IDEAL) == pytest.approx(flops / 2250e12)
 
 
 def test_layouts_hold_and_read_what_they_copy():
@@ -334,14 +353,15 @@ def test_tier_table_validation():
 def test_calibration_recovers_known_efficiencies():
     """Synthetic rows made with known values of the fitted efficiencies (the others at their defaults, as
     `calibrate` keeps them) give those values back."""
-    truth = Efficiency(eff_mem=0.55, eff_compute=0.30, eff_prefill=0.4, layer_latency_s=1e-5, token_cost_s=3e-11)
+    truth = Efficiency(eff_mem=0.55, eff_compute=0.30, eff_attention=0.5, eff_prefill=0.4, layer_latency_s=1e-5,
+                       token_cost_s=3e-11, moe_token_cost_s=5e-11)
     anchors = [a for a in load_anchors() if a.metric == "tok_s_gpu" and a.comparable and predictable(CAT, a)]
     assert len(anchors) >= 20
     synthetic = [type(a)(**{**a.__dict__, "value": predict(CAT, a, truth)}) for a in anchors]
     synthetic = [a for a in synthetic if a.value > 0][::2]  # unreachable speeds drop out; half keeps it quick
     assert len(synthetic) >= 10
     fitted = calibrate(CAT, synthetic)
-    for name in ("eff_mem", "eff_compute", "eff_prefill", "layer_latency_s", "token_cost_s"):
+    for name in FIT:
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=0.02), name
     errs = [abs(e) for e in errors(CAT, synthetic, fitted)]
     assert max(errs) < 0.01

@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--isl", type=int, default=None, help="prompt tokens of the --curve runs (default: from the run)")
     ca.add_argument("--osl", type=int, default=None, help="output tokens of the --curve runs (default: from the run)")
     ca.add_argument("--fit", default=None,
-                    help="comma-separated efficiencies to fit (default: eff_mem,eff_compute,eff_prefill,"
-                         "layer_latency_s,token_cost_s; one device: use step_overhead_s instead of layer_latency_s)")
+                    help="comma-separated efficiencies to fit (default: eff_mem,eff_compute,eff_attention,"
+                         "eff_prefill,layer_latency_s,token_cost_s,moe_token_cost_s; one device: use "
+                         "step_overhead_s instead of layer_latency_s)")
     ca.add_argument("--catalog", action="append", default=[], help="extra YAML with hardware:/models: entries")
     ca.add_argument("--out", default=None, help="write the fitted efficiencies here (JSON)")
     for p in (keys, us):

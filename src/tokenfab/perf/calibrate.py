@@ -7,9 +7,10 @@ speculative decoding (MTP: one draft token per step at the Scenario's default ac
 prediction is the frontier's tok/s per device at that speed, or the fastest speed for a tok_s_user
 metric, or its maximum for a "max throughput" row. A tok/s/GPU figure with no stated speed is not
 comparable with a point of a curve (the same hardware gives 90 or 5,000 tok/s/GPU depending on the
-speed): such rows are listed, not scored. The fit minimises squared log errors over (eff_mem,
-eff_compute, eff_prefill, layer_latency_s, token_cost_s) within bounds: scipy's differential evolution (seeded),
-then `least_squares`; step_overhead_s keeps the start's value (see FIT).
+speed): such rows are listed, not scored. The fit minimises squared log errors over FIT (eff_mem,
+eff_compute, eff_attention, eff_prefill, layer_latency_s, token_cost_s, moe_token_cost_s) within bounds:
+scipy's differential evolution (seeded), then `least_squares`; step_overhead_s keeps the start's value
+(see FIT).
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ from tokenfab.perf.model import Efficiency, Scenario, sweep
 # step_overhead_s is not fitted: on these rows it cannot be told apart from layer_latency_s (every
 # scored point runs on several devices, where both are constants per step; two half-fits traded
 # 0.1 ms + 33 us against 3.8 ms + 6 us), so it stays at its default and the fit is stable.
-FIT = ("eff_mem", "eff_compute", "eff_prefill", "layer_latency_s", "token_cost_s")
-BOUNDS = {"eff_mem": (0.2, 0.95), "eff_compute": (0.05, 0.9), "eff_prefill": (0.1, 0.9),
+FIT = ("eff_mem", "eff_compute", "eff_attention", "eff_prefill", "layer_latency_s", "token_cost_s",
+       "moe_token_cost_s")
+BOUNDS = {"eff_mem": (0.2, 0.95), "eff_compute": (0.05, 0.9), "eff_attention": (0.05, 0.9),
+          "eff_prefill": (0.1, 0.9),
           "step_overhead_s": (1e-4, 0.05), "layer_latency_s": (1e-6, 2e-4),
-          "a2a_latency_s": (1e-6, 2e-4), "token_cost_s": (1e-12, 1e-9)}
+          "a2a_latency_s": (1e-6, 2e-4), "token_cost_s": (1e-12, 1e-9),
+          "moe_token_cost_s": (1e-12, 1e-9)}
 
 
 @dataclass(frozen=True)

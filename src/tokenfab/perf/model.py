@@ -9,12 +9,13 @@ Decode step (one replica of `n` devices, `b` sequences, mean context L, `p` prom
     t_matmul     = max(weights / (n x bandwidth x eff_mem),
                        2 x active params x (b / eff_compute + p / eff_prefill) / (n x peak FLOPS))
     t_attention  = max(b x attended(L) x KV bytes / (n x bandwidth x eff_mem),
-                       decode attention FLOPs / (n x bf16 peak x eff_compute))
+                       decode attention FLOPs / (n x bf16 peak x eff_attention))
                    + the prompt chunk's own attention FLOPs at eff_prefill
     t_comm       = all-reduces over the scale-up link (n > 1) + 2 x layers x layer_latency_s
                    (expert parallel: an all-to-all dispatch and combine per layer, each paying a2a_latency_s)
-    t_token      = (b + p) x layers x hidden x token_cost_s x (8 TB/s / bandwidth) / n: each token's work
-                   outside the weight matmuls and attention, whatever the weights' precision
+    t_token      = (b + p) x layers x hidden x (token_cost_s + moe_token_cost_s if MoE) x (8 TB/s / bandwidth)
+                   / n: each token's work outside the weight matmuls and attention (a MoE model's routing
+                   and expert permutation on top), whatever the weights' precision
     t_step       = t_matmul + t_attention + t_comm + t_token + step_overhead_s
 Each kind of kernel is bound by its own resource and they run one after another, so the step sums a
 roofline per kind rather than taking one max over the whole step. attended(L) stops at the window on
@@ -50,21 +51,27 @@ from tokenfab.perf.catalog import BYTES_PER_PARAM, CatalogError, Hardware, Model
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Named efficiencies. The five fitted ones default to a fit on all 63 scored anchors.csv rows
-    (`tokenfab calibrate`, 2026-12-01, ninth session; accuracy by `benchmarks/perf_accuracy.py` in
-    docs/performance.md): public
-    measurements of B200, GB200, H200 and H100 serving (InferenceX, vendor posts, AIConfigurator) and
-    TensorRT-LLM's perf overview (offline maximum throughput), so they describe tuned stacks on those
-    parts, averaged over stacks and dates that differ: calibrate to your own stack where you can.
-    eff_compute is the least physical of them: it also carries per-token decode costs the roofline has
-    no term for. The serving benchmarks alone want it near 0.1 (and no token_cost_s), TensorRT-LLM's
-    offline runs far higher with token_cost_s (docs/performance.md, eighth and ninth sessions).
-    step_overhead_s is not fitted (see `calibrate.FIT`); 0.4 ms is what an earlier five-parameter
-    fit on all rows gave, and held-out errors moved little anywhere in 0.1-1 ms."""
+    """Named efficiencies. The seven fitted ones (`calibrate.FIT`) default to a fit on all 63 scored
+    anchors.csv rows (`tokenfab calibrate`, 2026-12-01, tenth session; accuracy by
+    `benchmarks/perf_accuracy.py` in docs/performance.md): public measurements of B200, GB200, H200 and
+    H100 serving (InferenceX, vendor posts, AIConfigurator) and TensorRT-LLM's perf overview (offline
+    maximum throughput), so they describe tuned stacks on those parts, averaged over stacks and dates
+    that differ: calibrate to your own stack where you can.
+    eff_compute and eff_attention trade off on these rows (both charge decode tokens' FLOPs; only
+    DeepSeek-R1's MLA attention is compute-bound here), so one half of the rows fits 0.35 / 0.51 and all
+    of them 0.68 / 0.30 for about the same errors; FlashMLA's own measurement (660 of H800's 989 bf16
+    TFLOPS, 0.67) bounds what a tuned MLA decode kernel reaches. token_cost_s and moe_token_cost_s
+    stand for how real kernels fall short of the roofline per token; TensorRT-LLM's offline runs want
+    the cost almost all on MoE layers, the serving benchmarks on every layer (docs/performance.md,
+    tenth session). step_overhead_s is not fitted (see `calibrate.FIT`); 0.4 ms is what an earlier
+    five-parameter fit on all rows gave, and held-out errors moved little anywhere in 0.1-1 ms."""
 
-    eff_mem: float = 0.458  # achieved / peak memory bandwidth in decode
-    eff_compute: float = 0.287  # achieved / peak FLOPS for decode tokens (see above)
-    eff_prefill: float = 0.847  # achieved / peak FLOPS for prompt tokens
+    eff_mem: float = 0.460  # achieved / peak memory bandwidth in decode
+    eff_compute: float = 0.678  # achieved / peak FLOPS for decode tokens' weight matmuls (see above)
+    # achieved / `Scenario.attn_precision` peak FLOPS of decode attention where it is compute-bound rather than
+    # bound by reading the cache (MLA's 128 query heads share one latent: about 480 FLOPs per cached byte at fp8)
+    eff_attention: float = 0.295
+    eff_prefill: float = 0.777  # achieved / peak FLOPS for prompt tokens
     eff_comm: float = 0.60  # achieved / peak scale-up bandwidth (not fitted)
     step_overhead_s: float = 0.0004  # fixed per decode step (launches, sampling, scheduling); not fitted
     layer_latency_s: float = 24.5e-6  # per layer per tensor-parallel all-reduce, or per chip hop (SRAM decode)
@@ -75,10 +82,15 @@ class Efficiency:
     a2a_latency_s: float = 25e-6
     # seconds per token (decode or prompt) per layer per unit of hidden width on a device with 8 TB/s of memory
     # bandwidth (B200, GB200), scaled by bandwidth on others: what a token costs outside the weight matmuls and
-    # attention as the roofline counts them (norms, activation quantization, rotary embedding, routing and
-    # token shuffles, residuals, matmul tiles a small batch leaves idle), whatever the weights' precision. Fitted;
-    # far more than those kernels' bytes alone, so it stands for how real kernels fall short. GPU stacks only
-    token_cost_s: float = 5.74e-11
+    # attention as the roofline counts them (norms, activation quantization, rotary embedding, residuals, matmul
+    # tiles a small batch leaves idle), whatever the weights' precision. Fitted; more than those kernels' bytes
+    # alone, so it stands for how real kernels fall short
+    token_cost_s: float = 2.40e-11
+    # what a token of a MoE model costs on top of that, per layer per unit of hidden width, scaled the same way:
+    # routing (router matmul, top-k), permuting its hidden state to its experts and back (gather, scatter,
+    # weighted combine) and grouped-GEMM tiles that small, uneven per-expert batches leave idle. Dense models pay
+    # none. Fitted: on TensorRT-LLM's rows it is nearly all of the per-token cost (docs/performance.md)
+    moe_token_cost_s: float = 7.25e-11
     mem_headroom: float = 0.90  # usable fraction of device memory (not fitted)
 
 
@@ -187,9 +199,11 @@ TOKEN_COST_REF_BW_TB_S = 8.0  # the memory bandwidth `Efficiency.token_cost_s` i
 
 
 def token_s(m: Model, h: Hardware, eff: Efficiency) -> float:
-    """Seconds of work one token costs on `h` outside the weight matmuls and attention (`token_cost_s`,
-    scaled from 8 TB/s to `h`'s memory bandwidth: the work is mostly small, memory-bound kernels)."""
-    return m.layers * m.hidden * eff.token_cost_s * TOKEN_COST_REF_BW_TB_S / h.mem_bw_tb_s
+    """Seconds of work one token costs on `h` outside the weight matmuls and attention (`token_cost_s`, plus
+    `moe_token_cost_s` for a MoE model), scaled from 8 TB/s to `h`'s memory bandwidth: the work is mostly
+    small, memory-bound kernels."""
+    per = eff.token_cost_s + (eff.moe_token_cost_s if m.is_moe else 0.0)
+    return m.layers * m.hidden * per * TOKEN_COST_REF_BW_TB_S / h.mem_bw_tb_s
 
 
 def allreduce_bytes(m: Model, tokens: float, n: int) -> float:
@@ -319,7 +333,7 @@ def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | N
     # a roofline per kind: the weight matmuls (weights read once for decode and prefill tokens together)
     # and attention (decode over each sequence's cache; a prefill chunk's own attention)
     lin_flops_s = matmul_s_per_token(s, h) * (tok / eff.eff_compute + prefill_tokens / eff.eff_prefill)
-    attn_flops_s = m.decode_attention_flops(tok, ctx) / (attn_peak * eff.eff_compute)
+    attn_flops_s = m.decode_attention_flops(tok, ctx) / (attn_peak * eff.eff_attention)
     pre_attn_s = attention_flops(m, prefill_tokens, s.isl / 2) / (attn_peak * eff.eff_prefill)
     t_lin = max((w_dec + w_pre) / bw, lin_flops_s)
     t_token = token_s(m, h, eff) * (tok + prefill_tokens) / n  # tokens spread over n devices either way
@@ -430,7 +444,7 @@ def _sram_point(s: Scenario, n_gpu: int, b: int, eff: Efficiency) -> OperatingPo
     gs = replace(s, hardware=gpu)
     check_fit(gs, n_gpu, b, eff, weights=False)  # the GPUs hold only KV
     t_attn = kv_bytes / (n_gpu * gpu.mem_bw_tb_s * 1e12 * eff.eff_mem) + m.decode_attention_flops(tok, ctx) / (
-        n_gpu * gpu.peak_tflops(s.attn_precision) * 1e12 * eff.eff_compute)
+        n_gpu * gpu.peak_tflops(s.attn_precision) * 1e12 * eff.eff_attention)
     t_step = max(t_w, t_c) + t_attn + t_hops + eff.step_overhead_s
     t_pre = prefill_s(gs, n_gpu, eff)
     step = t_step + (b * e / s.osl) * t_pre
