@@ -58,7 +58,7 @@ class Efficiency:
     maximum throughput), so they describe tuned stacks on those parts, averaged over stacks and dates
     that differ: calibrate to your own stack where you can.
     eff_compute and eff_attention trade off on these rows (both charge decode tokens' FLOPs; only
-    DeepSeek-R1's MLA attention is compute-bound here), so one half of the rows fits 0.35 / 0.51 and all
+    DeepSeek-R1's MLA attention is compute-bound here), so one half of the rows fits 0.35 / 0.53 and all
     of them 0.68 / 0.30 for about the same errors; FlashMLA's own measurement (660 of H800's 989 bf16
     TFLOPS, 0.67) bounds what a tuned MLA decode kernel reaches. token_cost_s and moe_token_cost_s
     stand for how real kernels fall short of the roofline per token; TensorRT-LLM's offline runs want
