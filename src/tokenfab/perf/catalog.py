@@ -109,12 +109,8 @@ class Model:
     def kv_bytes_held(self, tokens: float, kv_bytes: float) -> float:
         """KV-cache bytes a sequence of `tokens` tokens holds: sliding-window layers keep only their window
         (TensorRT-LLM gives each window size its own pool; vLLM's hybrid KV cache manager reserves the
-        window's slots only)."""
+        window's slots only). A decode token reads all of it."""
         return self.attended(tokens) * self.kv_elems_per_token_layer * kv_bytes
-
-    def kv_read_bytes(self, context: float, kv_bytes: float) -> float:
-        """KV-cache bytes one decode token of a sequence at `context` reads: all that the sequence holds."""
-        return self.kv_bytes_held(context, kv_bytes)
 
     def attended(self, context: float) -> float:
         """Token-layers one new token attends to at `context`: sliding-window layers stop at their window."""

@@ -322,7 +322,7 @@ def decode_step_s(s: Scenario, n: int, b: int, eff: Efficiency, hw: Hardware | N
     moved = tok + prefill_tokens  # tokens whose hidden states cross the collectives
     bw = h.mem_bw_tb_s * 1e12 * eff.eff_mem
     link = h.scaleup_bw_gb_s * 1e9 * eff.eff_comm
-    kv_bytes = b * m.kv_read_bytes(ctx, s.kv_bpp)
+    kv_bytes = b * m.kv_bytes_held(ctx, s.kv_bpp)  # each decode token reads its cache
     w_dec = step_weight_bytes(m, s.bpp, tok, s.dense_bpp)
     w_pre = 0.0
     if prefill_tokens > 0:
@@ -440,7 +440,7 @@ def _sram_point(s: Scenario, n_gpu: int, b: int, eff: Efficiency) -> OperatingPo
     t_w = step_weight_bytes(m, s.bpp, tok, s.dense_bpp) / (chips * lpu.mem_bw_tb_s * 1e12 * eff.eff_mem)
     t_c = matmul_s_per_token(s, lpu) * tok / (chips * eff.eff_compute)
     t_hops = m.layers * eff.layer_latency_s  # the token crosses chip boundaries layer by layer
-    kv_bytes = b * m.kv_read_bytes(ctx, s.kv_bpp)
+    kv_bytes = b * m.kv_bytes_held(ctx, s.kv_bpp)  # each decode token reads its cache
     gs = replace(s, hardware=gpu)
     check_fit(gs, n_gpu, b, eff, weights=False)  # the GPUs hold only KV
     t_attn = kv_bytes / (n_gpu * gpu.mem_bw_tb_s * 1e12 * eff.eff_mem) + m.decode_attention_flops(tok, ctx) / (
