@@ -5,8 +5,10 @@ runs the HTTP server on another: measured on this CPU, torch's parallel kernels 
 from a non-main thread); `start()` drives it on a thread of its own (tests, embedding).
 
 Requests and aborts go in through a thread-safe queue; each step's outputs come back to the
-event loop in one `call_soon_threadsafe`. A step that raises fails the requests it held (they
-get the exception) and the loop carries on serving the rest.
+event loop in one `call_soon_threadsafe`. A request the engine cannot run ends with an output
+whose `error` is set (`LLMEngine.step` isolates it; the others in its step go on). Only if a
+step raises outside that isolation (a bug in the engine itself) are the requests it held failed,
+with the exception, and the loop carries on serving new ones.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ class AsyncEngine:
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # noqa: BLE001
-                log.exception("engine step failed; failing the requests it held")
+                log.exception("engine step failed outside request isolation; failing the requests it held")
                 victims = list(self.engine.seqs)
                 for rid in victims:
                     self.engine.abort(rid)

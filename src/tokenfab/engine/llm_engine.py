@@ -19,7 +19,7 @@ from tokenfab.engine.config import EngineConfig, resolve_small_batch_max_tokens
 from tokenfab.engine.loader import LoadedModel, load_model
 from tokenfab.engine.model import LlamaModel
 from tokenfab.engine.model_runner import ModelRunner
-from tokenfab.engine.sampling import Sampler, SamplingParams
+from tokenfab.engine.sampling import Sampler, SamplingParams, make_generator
 from tokenfab.engine.scheduler import Scheduler, TierClass
 from tokenfab.engine.sequence import Sequence
 from tokenfab.engine.step_model import StepTimeModel
@@ -47,6 +47,7 @@ class RequestOutput:
     cached_tokens: int
     time_s: float  # monotonic time at which this output was produced
     metering: RequestMetering | None = None  # set on the final output
+    error: str | None = None  # set on the final output of a request the engine failed (finish_reason "error")
 
 
 @dataclass(frozen=True)
@@ -165,10 +166,15 @@ class LLMEngine:
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, priority: int = 0
     ) -> str:
         self.check_request(len(prompt_ids), params)
+        vocab = self.vocab_limit
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            bad = next(t for t in prompt_ids if not 0 <= t < vocab)
+            raise RequestError(f"prompt token ids must be in [0, {vocab}); got {bad}")
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.seqs:
             raise RequestError(f"request id {rid!r} is already in use")
         seq = Sequence(rid, list(prompt_ids), len(prompt_ids), params, priority=priority)
+        seq.generator = make_generator(params.seed, self.model.device)
         seq.prefix_offset = max(0, seq.prompt_len - 5)
         self.seqs[rid] = seq
         self.scheduler.add(seq)
@@ -191,38 +197,97 @@ class LLMEngine:
 
     # --- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample, detokenise. A sequence whose work raises fails alone.
+
+        If the batched forward pass or the sampler raises, the step is run again one sequence at a
+        time: a sequence that still raises on its own gets a final output with `error` set (and is
+        removed, its blocks freed); every other sequence carries on with its own result, as if the
+        step had succeeded. Nothing a sequence has computed is committed until its result is in.
+        """
         t0 = time.monotonic()
         e0 = self.energy.read_j() if self.energy is not None else 0.0
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        logits, sample_seqs = self.runner.run(scheduled)
+        failed: dict[str, str] = {}
+        try:
+            logits, sample_seqs = self.runner.run(scheduled)
+            _synchronize(self.model.device)  # the clock below must not run ahead of the device
+            dt = time.monotonic() - t0
+            toks = self._sample(logits, sample_seqs)
+            isolated = False
+        except Exception as exc:  # noqa: BLE001 - find which sequence caused it; the rest go on
+            log.warning("a step of %d sequences raised %s: %s; running each alone to find the cause",
+                        len(scheduled), type(exc).__name__, exc)
+            sample_seqs, toks, failed = self._run_each_alone(scheduled)
+            dt = time.monotonic() - t0
+            isolated = True
         total = sum(n for _, n in scheduled)
-        dt = time.monotonic() - t0
         joules = (self.energy.read_j() - e0) if self.energy is not None else 0.0
-        decodes = sum(1 for _, n in scheduled if n == 1)
-        self.step_model.observe(decodes, total - decodes, dt)
+        if not isolated:  # a step re-run sequence by sequence says nothing about batched step times
+            decodes = sum(1 for _, n in scheduled if n == 1)
+            self.step_model.observe(decodes, total - decodes, dt)
         for seq, n in scheduled:
-            seq.num_computed += n
-            self.block_manager.register_computed(seq)
             share = n / total
             seq.joules += joules * share
             seq.device_s += dt * share
             if seq.first_scheduled_s is None:
                 seq.first_scheduled_s = t0
+            if seq.seq_id not in failed:
+                seq.num_computed += n
+                self.block_manager.register_computed(seq)
+        now = time.monotonic()
         outputs: list[RequestOutput] = []
-        if sample_seqs:
-            logits = logits[:, : self.vocab_limit]
-            blocked = [self._blocked(s) for s in sample_seqs]
-            toks = self.sampler(
-                logits, [s.params for s in sample_seqs], [s.generator for s in sample_seqs],
-                [s.output_ids for s in sample_seqs], blocked,
-            )
-            now = time.monotonic()
-            for seq, tok in zip(sample_seqs, toks):
+        for seq, tok in zip(sample_seqs, toks):
+            try:
                 outputs.append(self._append(seq, tok, now))
+            except Exception as exc:  # noqa: BLE001 - e.g. a detokeniser error: this sequence only
+                log.warning("request %s failed after sampling: %s: %s", seq.seq_id, type(exc).__name__, exc)
+                failed[seq.seq_id] = f"{type(exc).__name__}: {exc}"
+        by_id = {seq.seq_id: seq for seq, _ in scheduled}
+        for rid, why in failed.items():
+            outputs.append(self._fail(by_id[rid], why, now))
         self.scheduler.observe_step(time.monotonic() - t0)
         return outputs
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        if not seqs:
+            return []
+        logits = logits[:, : self.vocab_limit]
+        return self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                            [s.output_ids for s in seqs], [self._blocked(s) for s in seqs])
+
+    def _run_each_alone(self, scheduled: list[tuple[Sequence, int]]
+                        ) -> tuple[list[Sequence], list[int], dict[str, str]]:
+        """The step again, one sequence at a time: (sequences sampled, their tokens, {failed id: why}).
+
+        Rewriting a sequence's KV slots with the same tokens is harmless, so the ones that succeed
+        keep these results; if none fails alone (the batch as a whole raised), all of them go on.
+        """
+        sampled: list[Sequence] = []
+        toks: list[int] = []
+        failed: dict[str, str] = {}
+        for seq, n in scheduled:
+            try:
+                logits, ready = self.runner.run([(seq, n)])
+                tok = self._sample(logits, ready)
+            except Exception as exc:  # noqa: BLE001
+                failed[seq.seq_id] = f"{type(exc).__name__}: {exc}"
+                log.warning("request %s fails alone too (%s); failing it, the other %d go on", seq.seq_id,
+                            failed[seq.seq_id], len(scheduled) - 1)
+                continue
+            if ready:
+                sampled.append(seq)
+                toks.append(tok[0])
+        if not failed:
+            log.warning("every sequence of the failed step ran alone without error; all of them go on")
+        return sampled, toks, failed
+
+    def _fail(self, seq: Sequence, why: str, now: float) -> RequestOutput:
+        self.scheduler.remove(seq)
+        self.seqs.pop(seq.seq_id, None)
+        seq.finish_reason = "error"
+        return self._output(seq, (), "", now, error=f"the engine could not run this request: {why}")
 
     def _blocked(self, seq: Sequence) -> tuple[int, ...]:
         if seq.params.min_tokens and seq.num_output < seq.params.min_tokens:
@@ -269,7 +334,8 @@ class LLMEngine:
                 seq.text = seq.text[: min(hits)]
                 seq.finish_reason = "stop"
 
-    def _output(self, seq: Sequence, toks: tuple[int, ...], delta: str, now: float) -> RequestOutput:
+    def _output(self, seq: Sequence, toks: tuple[int, ...], delta: str, now: float,
+                error: str | None = None) -> RequestOutput:
         metering = None
         if seq.finish_reason is not None:
             tt = seq.token_times
@@ -298,6 +364,7 @@ class LLMEngine:
             cached_tokens=seq.num_cached_prompt,
             time_s=now,
             metering=metering,
+            error=error,
         )
 
     # --- convenience for tests and benchmarks --------------------------------------------------
@@ -313,6 +380,12 @@ class LLMEngine:
                 if o.finished:
                     pending.discard(o.request_id)
         return [out[r] for r in rids]
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued device work (a no-op on the CPU, where every op has finished when it returns)."""
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize(device)
 
 
 def _holdback(text: str, stops: tuple[str, ...]) -> int:

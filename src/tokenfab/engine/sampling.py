@@ -1,18 +1,34 @@
-"""Per-request sampling parameters and the batched sampler (greedy, temperature, top-k, top-p, penalties, seeds)."""
+"""Per-request sampling parameters and the batched sampler (greedy, temperature, top-k, top-p, penalties, seeds).
+
+`SamplingParams` refuses values the sampler cannot run safely (each error names the range), so a
+request that reaches a step cannot poison it: a temperature below `MIN_TEMPERATURE` samples
+greedily (its distribution is the argmax to float32 precision, and dividing by it overflows), seeds
+fit torch's 64-bit generators, penalties are finite. Every tensor the sampler builds lives on the
+logits' own device, and so do the per-request generators.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from tokenfab.engine import cpu_kernels
 
+# Below this a temperature is greedy: logits / T overflows float32 long before T reaches 1e-38, and
+# at 1e-5 the softmax already puts all its mass on the argmax (vLLM uses the same threshold).
+MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0
+MAX_PENALTY = 2.0
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+MAX_STOP_CHARS = 1024  # per stop string
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or anything below MIN_TEMPERATURE) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
     seed: int | None = None
@@ -26,16 +42,36 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be within [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (disabled) or a positive count, got {self.top_k}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be within [-2^63, 2^64 - 1], got {self.seed}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and -MAX_PENALTY <= v <= MAX_PENALTY):
+                raise ValueError(f"{name} must be within [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        for s in self.stop:
+            if not s:
+                raise ValueError("stop sequences must not be empty strings")
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters, got {len(s)}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A request's own random stream, on the device its logits live on (None: the global one)."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 class Sampler:
@@ -56,35 +92,39 @@ class Sampler:
         if len(simple) == n:
             return _argmax(logits).tolist()
         if simple:
-            idx = torch.tensor(simple)
+            idx = torch.tensor(simple, device=logits.device)
             for i, tok in zip(simple, _argmax(logits.index_select(0, idx)).tolist()):
                 result[i] = tok
         for i in range(n):
-            if result[i] is not None:
-                continue
-            row = logits[i].to(torch.float32, copy=True)
-            p = params[i]
-            if blocked[i]:
-                row[list(blocked[i])] = float("-inf")
-            if (p.frequency_penalty or p.presence_penalty) and outputs[i]:
-                counts = torch.bincount(torch.tensor(outputs[i]), minlength=row.shape[0])[: row.shape[0]].float()
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-            if p.greedy:
-                result[i] = int(row.argmax())
-                continue
-            row = row / p.temperature
-            if 0 < p.top_k < row.shape[0]:
-                kth = torch.topk(row, p.top_k).values[-1]
-                row[row < kth] = float("-inf")
-            if p.top_p < 1.0:
-                sorted_logits, order = torch.sort(row, descending=True)
-                cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-                drop = cum - torch.softmax(sorted_logits, dim=-1) > p.top_p  # keep the token that crosses top_p
-                sorted_logits[drop] = float("-inf")
-                row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
-            probs = torch.softmax(row, dim=-1)
-            result[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+            if result[i] is None:
+                result[i] = sample_row(logits[i], params[i], generators[i], outputs[i], blocked[i])
         return [int(t) for t in result]  # type: ignore[arg-type]
+
+
+def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None, output: list[int],
+               blocked: tuple[int, ...]) -> int:
+    """One row's token with everything its params ask for; the engine also calls it alone for one row."""
+    row = logits.to(torch.float32, copy=True)
+    dev = row.device
+    if blocked:
+        row[torch.tensor(blocked, device=dev)] = float("-inf")
+    if (p.frequency_penalty or p.presence_penalty) and output:
+        counts = torch.bincount(torch.tensor(output, device=dev), minlength=row.shape[0])[: row.shape[0]].float()
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    if p.greedy:
+        return int(row.argmax())
+    row = row / p.temperature
+    if 0 < p.top_k < row.shape[0]:
+        kth = torch.topk(row, p.top_k).values[-1]
+        row[row < kth] = float("-inf")
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(row, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs > p.top_p  # keep the token that crosses top_p
+        sorted_logits[drop] = float("-inf")
+        row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
+    probs = torch.softmax(row, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _needs_adjust(p: SamplingParams, blocked: tuple[int, ...]) -> bool:

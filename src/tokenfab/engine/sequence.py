@@ -38,7 +38,7 @@ class Sequence:
     token_times: list[float] = field(default_factory=list)  # when each output token was produced
     joules: float = 0.0  # energy attributed to this sequence (its share of each step it took part in)
     device_s: float = 0.0  # engine time attributed likewise
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # set by the engine, on the logits' device, when seeded
     # detokenisation state
     text: str = ""
     emitted_chars: int = 0
@@ -46,8 +46,6 @@ class Sequence:
     read_offset: int = 0
 
     def __post_init__(self) -> None:
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
         self.prefix_offset = self.read_offset = self.prompt_len
 
     def __len__(self) -> int:
