@@ -67,15 +67,81 @@ def test_concurrent_reservations_never_overspend(ledger):
     assert t["spent_usd"] == pytest.approx(0.1 * ok)
 
 
-def test_recover_turns_reservations_into_aborted_records(ledger):
+def test_recovery_touches_only_expired_leases_and_bills_the_last_checkpoint(ledger):
     tenant = "r-" + uuid.uuid4().hex[:8]
     ledger.create_key(tenant, "free", budget_usd=5)
-    assert ledger.reserve(f"{tenant}-x", tenant, "free", "m", 2.0, 7)
-    assert ledger.tenant(tenant)["reserved_usd"] == pytest.approx(2.0)
-    assert ledger.recover() >= 1
-    recs = ledger.usage_records(tenant)
-    assert [(r["status"], r["prompt_tokens"]) for r in recs] == [("aborted", 7)]
-    assert ledger.tenant(tenant)["reserved_usd"] == pytest.approx(0.0)
+    dead = Ledger(ledger.url, owner="dead-server", lease_s=-1.0)  # its leases are already over
+    live = Ledger(ledger.url, owner="live-server", lease_s=60.0)
+    try:
+        assert dead.reserve(f"{tenant}-dead", tenant, "free", "m", 2.0, 7)
+        assert live.reserve(f"{tenant}-live", tenant, "free", "m", 1.0, 3)
+        dead.checkpoint({f"{tenant}-dead": (11, 0.25)})  # what it had streamed before it died
+        # a newcomer on the same database (a second server started by mistake, or a replica)
+        newcomer = Ledger(ledger.url, owner="newcomer")
+        assert newcomer.recover() >= 1
+        newcomer.close()
+        recs = {r["request_id"]: r for r in ledger.usage_records(tenant)}
+        assert set(recs) == {f"{tenant}-dead"}
+        r = recs[f"{tenant}-dead"]
+        assert (r["status"], r["prompt_tokens"], r["completion_tokens"], r["price_usd"]) == ("aborted", 7, 11, 0.25)
+        assert "dead-server" in r["error"]
+        t = ledger.tenant(tenant)
+        assert t["reserved_usd"] == pytest.approx(1.0) and t["spent_usd"] == pytest.approx(0.25)
+        assert live.in_flight(owner="live-server") == 1
+        # the live server's request finishes and is charged normally
+        live.settle(UsageRecord(f"{tenant}-live", tenant, "free", "m", "completed", 3, 0, 9, price_usd=0.5))
+        t = ledger.tenant(tenant)
+        assert t["reserved_usd"] == pytest.approx(0.0) and t["spent_usd"] == pytest.approx(0.75)
+    finally:
+        dead.close()
+        live.close()
+
+
+def test_settling_is_idempotent_and_corrects_a_recovered_record(ledger):
+    tenant = "i-" + uuid.uuid4().hex[:8]
+    ledger.create_key(tenant, "free", budget_usd=5)
+    rid = f"{tenant}-1"
+    rec = UsageRecord(rid, tenant, "free", "m", "completed", 4, 0, 8, price_usd=0.3)
+    assert ledger.reserve(rid, tenant, "free", "m", 1.0, 4)
+    ledger.settle(rec)
+    ledger.settle(rec)  # a retry: one record, charged once
+    assert len(ledger.usage_records(tenant)) == 1
+    assert ledger.tenant(tenant)["spent_usd"] == pytest.approx(0.3)
+    # a stalled server's request is recovered from its checkpoint, then the server settles it for real
+    stalled = Ledger(ledger.url, owner="stalled", lease_s=-1.0)
+    rid2 = f"{tenant}-2"
+    assert stalled.reserve(rid2, tenant, "free", "m", 1.0, 4)
+    stalled.checkpoint({rid2: (5, 0.1)})
+    assert Ledger(ledger.url, owner="other").recover() >= 1
+    assert ledger.tenant(tenant)["spent_usd"] == pytest.approx(0.4)
+    stalled.settle(UsageRecord(rid2, tenant, "free", "m", "completed", 4, 0, 20, price_usd=0.6))
+    stalled.close()
+    recs = [r for r in ledger.usage_records(tenant) if r["request_id"] == rid2]
+    assert [(r["status"], r["completion_tokens"]) for r in recs] == [("completed", 20)]
+    t = ledger.tenant(tenant)
+    assert t["spent_usd"] == pytest.approx(0.9) and t["reserved_usd"] == pytest.approx(0.0)
+
+
+def test_a_version_2_database_migrates_in_place(tmp_path):
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    led = Ledger(url)
+    led.create_key("old", "free", budget_usd=3)
+    with led.engine.begin() as conn:  # back to the version-2 layout, with a reservation an old server left
+        for col in ("owner", "lease_expires_at", "delivered_tokens", "delivered_usd"):
+            conn.execute(text(f"ALTER TABLE reservations DROP COLUMN {col}"))
+        conn.execute(text("UPDATE schema_version SET version = 2"))
+        conn.execute(text("INSERT INTO reservations (request_id, tenant, tier, model, amount_usd, prompt_tokens, "
+                          "created_at) VALUES ('old-1', 'old', 'free', 'm', 1.5, 6, 0)"))
+        conn.execute(text("UPDATE tenants SET reserved_usd = 1.5 WHERE name = 'old'"))
+    led.close()
+    led = Ledger(url)
+    assert led.version == 3
+    assert led.recover() == 1  # no lease: left by a server that predates leases
+    assert [(r["status"], r["prompt_tokens"]) for r in led.usage_records("old")] == [("aborted", 6)]
+    assert led.tenant("old")["reserved_usd"] == pytest.approx(0.0)
+    led.close()
 
 
 def test_bad_url_is_a_clear_error():

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    inspect,
     text,
 )
 from sqlalchemy.engine import Connection
@@ -47,6 +48,12 @@ reservations = Table(
     Column("amount_usd", Float, nullable=False),
     Column("prompt_tokens", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
+    # which server holds it, and until when (unix seconds); recovery touches only expired leases
+    Column("owner", String(100), nullable=True),
+    Column("lease_expires_at", Float, nullable=True),
+    # the last checkpoint of what the request had delivered, billed if its server dies
+    Column("delivered_tokens", Integer, nullable=False, default=0, server_default="0"),
+    Column("delivered_usd", Float, nullable=False, default=0.0, server_default="0"),
 )
 
 usage = Table(
@@ -87,7 +94,17 @@ def _v2(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_usage_tenant_created ON usage (tenant, created_at)"))
 
 
-MIGRATIONS = [(1, _v1), (2, _v2)]
+def _v3(conn: Connection) -> None:
+    """Reservations get an owner and a lease, and a checkpoint of what they delivered. Rows left by an
+    older server have neither: recovery treats a missing lease as expired."""
+    have = {c["name"] for c in inspect(conn).get_columns("reservations")}
+    for name, ddl in (("owner", "VARCHAR(100)"), ("lease_expires_at", "FLOAT"),
+                      ("delivered_tokens", "INTEGER NOT NULL DEFAULT 0"), ("delivered_usd", "FLOAT NOT NULL DEFAULT 0")):
+        if name not in have:  # a database created at v3 already has them (v1 creates today's tables)
+            conn.execute(text(f"ALTER TABLE reservations ADD COLUMN {name} {ddl}"))
+
+
+MIGRATIONS = [(1, _v1), (2, _v2), (3, _v3)]
 
 
 def migrate(conn: Connection) -> int:

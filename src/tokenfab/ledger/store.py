@@ -3,26 +3,39 @@
 Budget safety under concurrency: a request reserves its worst-case price with one conditional
 UPDATE (spent + reserved + amount <= budget) before it runs, and settles the actual price after,
 in the same transaction that writes its usage record. A reservation row is also the request's
-in-flight marker: at start-up, rows left by a crash become `aborted` usage records and release
-their reservation, so no budget leaks.
+in-flight marker, owned by one server (`owner`) under a lease that server keeps renewing while
+it checkpoints what each request has delivered. `recover` turns only reservations whose lease
+has run out into `aborted` records billing their last checkpoint, so servers sharing a database
+(a second one started by mistake, or replicas on one PostgreSQL) never touch each other's live
+requests. Settling is idempotent: a request settled twice, or settled after it was recovered,
+ends with one usage record and is charged the difference.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import bindparam, create_engine, event, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from tokenfab.ledger.schema import api_keys, migrate, reservations, tenants, usage
 
 KEY_PREFIX = "tf-"
+DEFAULT_LEASE_S = 30.0
+
+
+def new_owner_id() -> str:
+    """Names one running server: host, process and a random part (a restarted process is a new owner)."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class LedgerError(ValueError):
@@ -62,13 +75,20 @@ class UsageRecord:
     price_usd: float = 0.0
 
 
+def _insert(conn: Connection):  # type: ignore[no-untyped-def]
+    """The dialect's INSERT, which has ON CONFLICT DO NOTHING (SQLite and PostgreSQL)."""
+    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
 class Ledger:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, owner: str | None = None, lease_s: float = DEFAULT_LEASE_S) -> None:
         self.url = url
+        self.owner = owner or new_owner_id()
+        self.lease_s = lease_s
         kwargs: dict[str, Any] = {"future": True}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
@@ -161,6 +181,7 @@ class Ledger:
     def reserve(self, request_id: str, tenant: str, tier: str, model: str, amount_usd: float,
                 prompt_tokens: int) -> bool:
         """Hold `amount_usd` of the tenant's budget; False (nothing held) if it would overspend."""
+        now = time.time()
         with self.engine.begin() as conn:
             ok = conn.execute(
                 tenants.update()
@@ -173,34 +194,84 @@ class Ledger:
                 return False
             conn.execute(reservations.insert().values(request_id=request_id, tenant=tenant, tier=tier, model=model,
                                                       amount_usd=amount_usd, prompt_tokens=prompt_tokens,
-                                                      created_at=time.time()))
+                                                      created_at=now, owner=self.owner,
+                                                      lease_expires_at=now + self.lease_s))
         return True
 
-    def settle(self, rec: UsageRecord) -> None:
-        """Write the usage record, charge its price, release its reservation: one transaction."""
+    def settle(self, rec: UsageRecord, only_if_reserved: bool = False) -> bool:
+        """Write the usage record, charge its price, release its reservation: one transaction.
+
+        Idempotent: if the request already has a record (settled before, or recovered while its
+        server looked dead), the record is replaced and the tenant charged the difference. With
+        `only_if_reserved` (recovery) nothing happens unless this call is the one that releases the
+        reservation, so a recovery racing the owner's own settle never overwrites it. Returns
+        whether it wrote.
+        """
         with self.engine.begin() as conn:
-            res = conn.execute(select(reservations.c.amount_usd).where(reservations.c.request_id == rec.request_id)
-                               ).first()
+            res = conn.execute(reservations.delete().where(reservations.c.request_id == rec.request_id)
+                               .returning(reservations.c.amount_usd)).first()
+            if res is None and only_if_reserved:
+                return False
             held = res.amount_usd if res else 0.0
-            conn.execute(usage.insert().values(created_at=time.time(), **dataclasses.asdict(rec)))
+            values = dataclasses.asdict(rec)
+            prior = self._usage_price(conn, rec.request_id)
+            if prior is None:
+                ins = _insert(conn)(usage).values(created_at=time.time(), **values)
+                if conn.execute(ins.on_conflict_do_nothing(index_elements=["request_id"])).rowcount == 0:
+                    prior = self._usage_price(conn, rec.request_id)  # a concurrent settle got there first
+            if prior is not None:
+                conn.execute(usage.update().where(usage.c.request_id == rec.request_id).values(**values))
+            charge = rec.price_usd - (prior or 0.0)
             conn.execute(tenants.update().where(tenants.c.name == rec.tenant).values(
-                spent_usd=tenants.c.spent_usd + rec.price_usd, reserved_usd=tenants.c.reserved_usd - held))
-            if res:
-                conn.execute(reservations.delete().where(reservations.c.request_id == rec.request_id))
+                spent_usd=tenants.c.spent_usd + charge, reserved_usd=tenants.c.reserved_usd - held))
+        return True
+
+    @staticmethod
+    def _usage_price(conn: Connection, request_id: str) -> float | None:
+        q = select(usage.c.price_usd).where(usage.c.request_id == request_id)
+        if conn.dialect.name == "postgresql":
+            q = q.with_for_update()
+        row = conn.execute(q).first()
+        return None if row is None else row.price_usd
+
+    def checkpoint(self, progress: dict[str, tuple[int, float]]) -> None:
+        """Renew the lease on this server's reservations and record what each request has delivered
+        so far ({request id: (completion tokens, price in USD)}), in one transaction."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(reservations.update().where(reservations.c.owner == self.owner)
+                         .values(lease_expires_at=now + self.lease_s))
+            if progress:
+                conn.execute(
+                    reservations.update()
+                    .where(reservations.c.request_id == bindparam("rid"), reservations.c.owner == self.owner)
+                    .values(delivered_tokens=bindparam("tokens"), delivered_usd=bindparam("usd")),
+                    [{"rid": rid, "tokens": n, "usd": usd} for rid, (n, usd) in progress.items()],
+                )
 
     def recover(self) -> int:
-        """Turn reservations left by a crash into aborted usage records; returns how many."""
+        """Turn reservations whose lease has expired (their server died) into aborted usage records
+        that bill what was last checkpointed as delivered; returns how many."""
+        now = time.time()
         with self.engine.connect() as conn:
-            left = [dict(r._mapping) for r in conn.execute(select(reservations))]
+            left = [dict(r._mapping) for r in conn.execute(select(reservations).where(
+                or_(reservations.c.lease_expires_at.is_(None), reservations.c.lease_expires_at < now)))]
+        n = 0
         for r in left:
-            self.settle(UsageRecord(request_id=r["request_id"], tenant=r["tenant"], tier=r["tier"], model=r["model"],
-                                    status="aborted", prompt_tokens=r["prompt_tokens"],
-                                    error="server stopped while the request was in flight (recovered at start-up)"))
-        return len(left)
+            n += self.settle(UsageRecord(
+                request_id=r["request_id"], tenant=r["tenant"], tier=r["tier"], model=r["model"], status="aborted",
+                prompt_tokens=r["prompt_tokens"], completion_tokens=r["delivered_tokens"] or 0,
+                price_usd=r["delivered_usd"] or 0.0,
+                error=f"server {r['owner'] or '(unknown)'} stopped while the request was in flight; billed what it "
+                      "had delivered at its last checkpoint"), only_if_reserved=True)
+        return n
 
-    def in_flight(self) -> int:
+    def in_flight(self, owner: str | None = None) -> int:
+        q = select(func.count()).select_from(reservations)
+        if owner is not None:
+            q = q.where(reservations.c.owner == owner)
         with self.engine.connect() as conn:
-            return conn.execute(select(func.count()).select_from(reservations)).scalar_one()
+            return conn.execute(q).scalar_one()
 
     # --- queries -------------------------------------------------------------------------------
     def usage_records(self, tenant: str | None = None, since: float | None = None,
