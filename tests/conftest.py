@@ -21,6 +21,18 @@ def real_model() -> LoadedModel:
     return load_model(EngineConfig())
 
 
+@pytest.fixture(scope="session")
+def tiny_model(real_model: LoadedModel) -> LoadedModel:
+    """A one-layer model of random weights behind the bundled model's real tokenizer: every request path
+    (tokenizer, template, engine, sampler) is the real one, each step costs a few milliseconds."""
+    import dataclasses
+
+    from tokenfab.engine.loader import load_synthetic
+
+    tiny = load_synthetic(EngineConfig(synthetic_layers=1))
+    return dataclasses.replace(tiny, tokenizer=real_model.tokenizer, name="tiny")
+
+
 def make_engine(loaded: LoadedModel, **overrides):
     from tokenfab.engine.llm_engine import LLMEngine
 
@@ -74,3 +86,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
+    """Say how many requests the fuzz run generated and what they got (CI's log keeps this line)."""
+    import sys
+
+    fuzz = sys.modules.get("test_fuzz")
+    if fuzz is not None and fuzz.STATS["requests"]:
+        st = fuzz.STATS
+        codes = ", ".join(f"{code}: {n}" for code, n in sorted(st["by_status"].items()))
+        fives = sum(n for code, n in st["by_status"].items() if code >= 500)
+        terminalreporter.write_line(f"fuzz: {st['requests']} generated requests, {fives} got a 5xx ({codes})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -60,8 +61,10 @@ def test_example_config_is_valid():
         (["frobnicate"], "invalid choice"),
     ],
 )
-def test_cli_usage_errors_are_one_line_exit_2(args, needle):
-    r = subprocess.run([sys.executable, "-m", "tokenfab.cli", *args], capture_output=True, text=True, timeout=120)
+def test_cli_usage_errors_are_one_line_exit_2(args, needle, tmp_path):
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path)}  # the default ledger goes to a fresh data directory
+    r = subprocess.run([sys.executable, "-m", "tokenfab.cli", *args], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env=env)
     assert r.returncode == 2
     assert needle in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -1,13 +1,9 @@
 """Tiers end to end: keys over HTTP, budgets under concurrency, per-tier metrics and usage, admission,
-the tier-aware scheduler, energy attribution, and a SIGKILL in the middle of load."""
+the tier-aware scheduler and energy attribution."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -21,7 +17,7 @@ from tokenfab.engine.sampling import SamplingParams
 from tokenfab.engine.scheduler import TierClass
 from tokenfab.engine.step_model import StepTimeModel
 
-from conftest import LiveServer, free_port, make_engine
+from conftest import LiveServer, make_engine
 
 MODEL = "smollm2-135m-instruct"
 
@@ -86,6 +82,7 @@ def test_metrics_and_usage_add_up_to_what_clients_received(server):
     _, key = server.ledger.create_key("counted", "fast")
     _, other = server.ledger.create_key("someone-else", "free")
     c = client(server, key)
+    before = httpx.get(server.base_url + "/metrics").text
     got_prompt = got_completion = 0
     for i in range(4):
         r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Say {i}"}], max_tokens=6)
@@ -98,13 +95,19 @@ def test_metrics_and_usage_add_up_to_what_clients_received(server):
     got_completion += last.usage.completion_tokens
     client(server, other).completions.create(model=MODEL, prompt="x", max_tokens=2)
     text = httpx.get(server.base_url + "/metrics").text
-    assert metric_sum(text, "tokenfab_tokens_total", tenant="counted", kind="completion") == got_completion
-    assert metric_sum(text, "tokenfab_tokens_total", tenant="counted", kind="prompt") == got_prompt
-    assert metric_sum(text, "tokenfab_requests_total", tenant="counted", tier="fast", status="completed") == 5
-    assert metric_sum(text, "tokenfab_revenue_usd_total", tenant="counted") == pytest.approx(
-        (got_prompt * 1.5 + got_completion * 6.0) / 1e6)
-    assert metric_sum(text, "tokenfab_energy_joules_total", tenant="counted") > 0
-    assert metric_sum(text, "tokenfab_ttft_seconds_count", tier="fast") >= 5
+
+    def grew(name, **labels):
+        return metric_sum(text, name, tier="fast", **labels) - metric_sum(before, name, tier="fast", **labels)
+
+    # no other request ran on the fast tier meanwhile, so its counters grew by exactly this client's requests
+    assert grew("tokenfab_tokens_total", kind="completion") == got_completion
+    assert grew("tokenfab_tokens_total", kind="prompt") == got_prompt
+    assert grew("tokenfab_requests_total", status="completed") == 5
+    assert grew("tokenfab_revenue_usd_total") == pytest.approx((got_prompt * 1.5 + got_completion * 6.0) / 1e6)
+    assert grew("tokenfab_energy_joules_total") > 0
+    assert grew("tokenfab_ttft_seconds_count") == 5
+    # /metrics answers without a key: it names tiers and models, never a tenant
+    assert "counted" not in text and "someone-else" not in text and "tenant" not in text
     u = httpx.get(server.base_url + "/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
     assert u["tenant"] == "counted" and len(u["data"]) == 5
     assert {r["tenant"] for r in u["data"]} == {"counted"}
@@ -298,81 +301,6 @@ def test_rapl_counter_wraps(tmp_path):
     src = RaplEnergy(str(tmp_path))
     (z / "energy_uj").write_text("4000\n")  # wrapped: +5,000 uJ
     assert src.read_j() == pytest.approx(0.005)
-
-
-def _start(args, env, log):
-    return subprocess.Popen([sys.executable, "-m", "tokenfab.cli", "serve", *args], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-
-
-def _wait_health(url, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "server exited"
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not start")
-
-
-def test_sigkill_loses_no_completed_record_and_recovers_reservations(tmp_path):
-    from tokenfab.ledger.store import Ledger
-
-    db = tmp_path / "ledger.db"
-    url = f"sqlite:///{db}"
-    led = Ledger(url)
-    _, key = led.create_key("crash", "free")
-    led.close()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "TOKENFAB_LEDGER_URL": url}
-    args = ["--port", str(port), "--max-model-len", "512", "--kv-cache-gb", "0.2", "--log-level", "warning"]
-    log = open(tmp_path / "server.log", "w")
-    proc = _start(args, env, log)
-    _wait_health(base, proc)
-    completed: list[str] = []
-
-    def one(i):
-        body = {"model": MODEL, "prompt": f"Story {i}:", "max_tokens": 4 if i % 2 == 0 else 400, "ignore_eos": True}
-        try:
-            r = httpx.post(base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-            if r.status_code == 200:
-                completed.append(r.json()["id"])
-        except httpx.HTTPError:
-            pass
-
-    with cf.ThreadPoolExecutor(12) as pool:
-        futs = [pool.submit(one, i) for i in range(12)]
-        deadline = time.monotonic() + 60
-        while len(completed) < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        for f in futs:
-            f.result()
-    assert len(completed) >= 4
-    led = Ledger(url)
-    recs = {r["request_id"]: r for r in led.usage_records("crash")}
-    assert all(rid in recs and recs[rid]["status"] == "completed" for rid in completed)
-    in_flight = led.in_flight()
-    assert in_flight >= 1  # the long requests were running when the server died
-    led.close()
-    proc = _start(args, env, log)
-    try:
-        _wait_health(base, proc)
-        led = Ledger(url)
-        assert led.in_flight() == 0
-        aborted = [r for r in led.usage_records("crash") if r["status"] == "aborted"]
-        assert len(aborted) == in_flight
-        assert led.tenant("crash")["reserved_usd"] == pytest.approx(0.0)
-        led.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def test_admission_learns_how_far_its_ttft_predictions_run_short():

@@ -203,7 +203,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     http = threading.Thread(target=serve_http, name="tokenfab-http")
     http.start()
     print(
-        f"tokenfab: serving {app.state.gateway.model_name}{label} on http://{settings.server.host}:{settings.server.port}/v1",
+        f"tokenfab: serving {app.state.gateway.model_name}{label} on http://{settings.server.host}:{settings.server.port}/v1"
+        f"; ledger: {_shown(ledger.url)}",
         flush=True,
     )
     engine.run()  # the engine loop owns the main thread
@@ -296,13 +297,31 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def _ledger(ns: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The configured ledger, named on stderr so that every command says which database it used."""
     from tokenfab.ledger.store import Ledger, LedgerError
 
+    from tokenfab.config import legacy_ledger_hint
+
     settings = load_settings(ns.config, {"ledger_url": ns.ledger_url})
+    url = settings.ledger.resolved_url()
+    print(f"ledger: {_shown(url)}", file=sys.stderr)
+    hint = legacy_ledger_hint(settings.ledger)
+    if hint:
+        print(f"note: {hint}", file=sys.stderr)
     try:
-        return settings, Ledger(settings.ledger.ledger_url)
+        return settings, Ledger(url)
     except LedgerError as exc:
         raise UsageError(f"tokenfab {ns.command}: {exc}") from None
+
+
+def _shown(url: str) -> str:
+    """A ledger URL fit to print: any password replaced by ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse is reported when it is opened
+        return url
 
 
 def cmd_keys(ns: argparse.Namespace) -> int:
@@ -313,9 +332,15 @@ def cmd_keys(ns: argparse.Namespace) -> int:
         if ns.keys_command == "create":
             if ns.tier not in settings.tiers.names:
                 raise UsageError(f"tokenfab keys create: unknown tier {ns.tier!r}; tiers: {', '.join(settings.tiers.names)}")
+            existed = ledger.tenant(ns.tenant) is not None
             key_id, key = ledger.create_key(ns.tenant, ns.tier, ns.budget_usd)
-            print(f"key id {key_id} for tenant {ns.tenant} on tier {ns.tier}"
-                  + (f", budget ${ns.budget_usd:g}" if ns.budget_usd is not None else ", no budget limit"))
+            t = ledger.tenant(ns.tenant) or {}
+            budget = t.get("budget_usd")
+            left = f", ${budget - t.get('spent_usd', 0.0):g} left" if budget is not None and existed else ""
+            state = f"budget ${budget:g}{left}" if budget is not None else "no budget limit"
+            if existed and ns.budget_usd is None:
+                state += " (the tenant's existing budget; set another with --budget-usd)"
+            print(f"key id {key_id} for {'existing ' if existed else ''}tenant {ns.tenant} on tier {ns.tier}, {state}")
             print(key)
             print("store this key now: it is not shown again", file=sys.stderr)
         elif ns.keys_command == "list":
@@ -364,6 +389,8 @@ def cmd_usage(ns: argparse.Namespace) -> int:
     import json
 
     since = _since(ns.since)
+    if ns.limit is not None and ns.limit < 1:
+        raise UsageError(f"tokenfab usage: --limit must be at least 1, got {ns.limit}")
     _, ledger = _ledger(ns)
     rows = ledger.usage_records(ns.tenant, since, ns.limit)
     ledger.close()

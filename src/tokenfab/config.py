@@ -37,8 +37,39 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class LedgerConfig:
-    ledger_url: str = "sqlite:///tokenfab.db"  # or postgresql+psycopg://user@host/db
+    ledger_url: str = ""  # "" = SQLite in the per-user data directory; or sqlite:///PATH, postgresql+psycopg://...
     anonymous_tier: str = "free"  # tier for requests without a key; "" = every request needs a key
+    checkpoint_interval_s: float = 1.0  # how often each stream's delivered tokens are written (a crash loses less)
+    reservation_lease_s: float = 30.0  # a server's reservations outlive it by this long before others recover them
+
+    def resolved_url(self) -> str:
+        """The ledger's URL with any SQLite path made absolute (relative paths are taken from the
+        working directory once, here, so every command names the same file)."""
+        url = self.ledger_url or f"sqlite:///{default_data_dir() / 'ledger.db'}"
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and url != prefix + ":memory:":
+            path = Path(url[len(prefix):]).expanduser()
+            if not path.is_absolute():
+                path = Path.cwd() / path
+            return prefix + str(path)
+        return url
+
+
+def legacy_ledger_hint(lc: LedgerConfig) -> str | None:
+    """A note for someone upgrading: the default ledger used to be ./tokenfab.db in the working directory."""
+    old = Path("tokenfab.db")
+    if lc.ledger_url or not old.is_file():
+        return None
+    return (f"found {old.resolve()}, the ledger's old default location; this server uses {lc.resolved_url()}. "
+            f"To keep using the old one, set ledger_url: sqlite:///{old.resolve()}")
+
+
+def default_data_dir() -> Path:
+    """Where tokenfab keeps its own files by default: the platform's per-user data directory
+    (on Linux $XDG_DATA_HOME/tokenfab, i.e. ~/.local/share/tokenfab)."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("tokenfab", appauthor=False))
 
 
 @dataclass(frozen=True)
@@ -166,6 +197,10 @@ def load_settings(path: str | None = None, cli: dict[str, Any] | None = None, en
         section, f = keys[k]
         values[section][k] = _convert("--" + k.replace("_", "-"), v, f.type)
     settings = Settings(**{name: cls(**values[name]) for name, cls in SECTIONS.items()}, tiers=tiers)
+    lc = settings.ledger
+    if lc.checkpoint_interval_s <= 0 or lc.reservation_lease_s < 3 * lc.checkpoint_interval_s:
+        raise ConfigError(f"reservation_lease_s ({lc.reservation_lease_s:g}) must be at least 3 x checkpoint_interval_s "
+                          f"({lc.checkpoint_interval_s:g} s, > 0): a live server renews its leases at every checkpoint")
     anon = settings.ledger.anonymous_tier
     if anon and anon not in tiers.names:
         raise ConfigError(f"anonymous_tier {anon!r} is not a tier ({', '.join(tiers.names)}); use \"\" to require keys")

@@ -34,8 +34,12 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCE = "kernels.cpp"
-# -ffast-math: vectorised exp (glibc libmvec) and reductions; the kernels assume finite inputs
-_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# -ffast-math: vectorised exp (glibc libmvec) and reductions; the kernels assume finite inputs.
+# Compiled and linked in two steps: linking a shared library with -ffast-math adds crtfastmath.o,
+# whose constructor turns on flush-to-zero for the whole process when the library loads, changing
+# the floating-point results of every other library in it (NumPy, SciPy, the tests' Hypothesis).
+_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
+_LINK = ["-shared", "-fopenmp"]
 _DTYPES = {torch.bfloat16: 0, torch.float32: 1}
 _state: dict[str, object] = {}
 _lock = threading.Lock()
@@ -78,7 +82,8 @@ def has_amx() -> bool:
 def _build(cxx: str, source: bytes) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     flags = [_arch_flag(), *_FLAGS]
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(), _cpu_flags().encode()]))
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags + _LINK).encode(),
+                                     _cpu_flags().encode()]))
     target = _cache_dir() / key.hexdigest()[:16] / "libtokenfab_kernels.so"
     if target.exists():
         return target
@@ -86,10 +91,11 @@ def _build(cxx: str, source: bytes) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / _SOURCE
         src.write_bytes(source)
-        out = Path(tmp) / target.name
-        proc = subprocess.run([cxx, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
+        obj, out = Path(tmp) / "kernels.o", Path(tmp) / target.name
+        for cmd in ([cxx, *flags, "-c", str(src), "-o", str(obj)], [cxx, *_LINK, str(obj), "-o", str(out)]):
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(out, target)  # atomic: concurrent builders (several servers starting) do not collide
     return target
 

@@ -25,6 +25,14 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 MAX_STOP_CHARS = 1024  # per stop string
 
 
+class ParamError(ValueError):
+    """A sampling parameter out of its range; `param` names the request field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -41,26 +49,28 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise ParamError("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
         if not (math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
-            raise ValueError(f"temperature must be within [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
+            raise ParamError("temperature",
+                             f"temperature must be within [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ParamError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 or 0 (disabled) or a positive count, got {self.top_k}")
+            raise ParamError("top_k", f"top_k must be -1 or 0 (disabled) or a positive count, got {self.top_k}")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise ValueError(f"seed must be within [-2^63, 2^64 - 1], got {self.seed}")
+            raise ParamError("seed", f"seed must be within [-2^63, 2^64 - 1], got {self.seed}")
         for name in ("frequency_penalty", "presence_penalty"):
             v = getattr(self, name)
             if not (math.isfinite(v) and -MAX_PENALTY <= v <= MAX_PENALTY):
-                raise ValueError(f"{name} must be within [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v}")
+                raise ParamError(name, f"{name} must be within [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}")
+            raise ParamError("min_tokens", f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), "
+                             f"got {self.min_tokens}")
         for s in self.stop:
             if not s:
-                raise ValueError("stop sequences must not be empty strings")
+                raise ParamError("stop", "stop sequences must not be empty strings")
             if len(s) > MAX_STOP_CHARS:
-                raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters, got {len(s)}")
+                raise ParamError("stop", f"a stop sequence may be at most {MAX_STOP_CHARS} characters, got {len(s)}")
 
     @property
     def greedy(self) -> bool:

@@ -1,11 +1,23 @@
-"""Text <-> token ids and chat templates, built from a GGUF's metadata, a tokenizer.json, or bytes (synthetic)."""
+"""Text <-> token ids and chat templates, built from a GGUF's metadata, a tokenizer.json, or bytes (synthetic).
+
+Encoding goes through the tokenizers library's batch call, which releases the GIL, so a long
+prompt tokenised on a worker thread never stalls the server's event loop or the engine thread.
+In chat messages, text that spells a special token (`<|im_start|>`, ...) is encoded as plain text:
+only the chat template itself produces control tokens, so user text cannot forge a turn.
+"""
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+# Private-use code points mark where message text held a special token's spelling (or this marker).
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+_MARK_RE = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -31,6 +43,11 @@ class TextTokenizer:
         self.eos_token = eos_token
         self.add_bos = add_bos
         self.bos_token_id = bos_token_id
+        # the same vocabulary, reading special tokens' spellings as ordinary text
+        self._plain = Tokenizer.from_str(tokenizer.to_str())
+        self._plain.encode_special_tokens = True
+        specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+        self._protect = re.compile("|".join(re.escape(t) for t in sorted([*specials, _MARK_OPEN], key=len, reverse=True)))
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         self._template = env.from_string(chat_template) if chat_template else None
@@ -39,11 +56,46 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text any one token stands for: len(text.encode()) / this is a lower
+        bound on the tokens any text encodes to, cheap enough to refuse an oversized prompt before
+        tokenising it."""
+        return max(1, max(len(self.tok.decode([i], skip_special_tokens=False).encode()) for i in range(self.vocab_size)))
+
     def encode(self, text: str) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`, special tokens' spellings read as those tokens (a raw prompt)."""
+        return self._with_bos(self.tok.encode_batch([text], add_special_tokens=False)[0].ids)
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
         if self.add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
         return ids
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the chat template applied to `messages`, where only the template's own text
+        becomes control tokens: a special token spelled inside a message's content is encoded as text."""
+        literal: list[str] = []
+
+        def mark(m: re.Match[str]) -> str:
+            literal.append(m.group())
+            return f"{_MARK_OPEN}{len(literal) - 1}{_MARK_CLOSE}"
+
+        safe = [{**m, "content": self._protect.sub(mark, m["content"])} if isinstance(m.get("content"), str) else m
+                for m in messages]
+        text = self.apply_chat_template(safe, add_generation_prompt)
+        if not literal:
+            return self.encode(text)
+        parts = _MARK_RE.split(text)  # template text, a literal's index, template text, ...
+        lits = [literal[int(i)] for i in parts[1::2]]
+        enc_t = self.tok.encode_batch(parts[0::2], add_special_tokens=False)
+        enc_l = self._plain.encode_batch(lits, add_special_tokens=False) if lits else []
+        ids: list[int] = []
+        for k, e in enumerate(enc_t):
+            ids += e.ids
+            if k < len(enc_l):
+                ids += enc_l[k].ids
+        return self._with_bos(ids)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)

@@ -20,6 +20,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import bindparam, create_engine, event, func, or_, select
@@ -90,6 +91,12 @@ class Ledger:
         self.owner = owner or new_owner_id()
         self.lease_s = lease_s
         kwargs: dict[str, Any] = {"future": True}
+        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        if path and path != ":memory:":
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)  # the default lives in a per-user folder
+            except OSError as exc:
+                raise LedgerError(f"cannot create the folder of ledger {url!r}: {exc}") from None
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:

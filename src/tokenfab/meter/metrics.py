@@ -1,4 +1,8 @@
-"""Prometheus metrics of the factory floor, labelled by tier, tenant and model (one registry per server)."""
+"""Prometheus metrics of the factory floor, labelled by tier and model (one registry per server).
+
+No metric carries a tenant: /metrics is scraped without a key, and who bought what is the ledger's,
+behind each tenant's own key (GET /v1/usage, `tokenfab usage`).
+"""
 
 from __future__ import annotations
 
@@ -12,16 +16,15 @@ class FactoryMetrics:
     def __init__(self, energy_source: str, energy_measured: bool) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        lab = ["tier", "tenant", "model"]
+        lab = ["tier", "model"]
         self.requests = Counter("tokenfab_requests", "Requests finished, by status", [*lab, "status"], registry=r)
         self.tokens = Counter("tokenfab_tokens", "Tokens by kind (prompt, cached, completion)", [*lab, "kind"],
                               registry=r)
-        self.ttft = Histogram("tokenfab_ttft_seconds", "Time to first token (server side)", ["tier", "model"],
+        self.ttft = Histogram("tokenfab_ttft_seconds", "Time to first token (server side)", lab,
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("tokenfab_tpot_seconds", "Time per output token after the first", ["tier", "model"],
+        self.tpot = Histogram("tokenfab_tpot_seconds", "Time per output token after the first", lab,
                               buckets=TPOT_BUCKETS, registry=r)
-        self.e2e = Histogram("tokenfab_e2e_seconds", "Request latency", ["tier", "model"], buckets=LATENCY_BUCKETS,
-                             registry=r)
+        self.e2e = Histogram("tokenfab_e2e_seconds", "Request latency", lab, buckets=LATENCY_BUCKETS, registry=r)
         self.joules = Counter("tokenfab_energy_joules", "Energy attributed to requests", lab, registry=r)
         self.revenue = Counter("tokenfab_revenue_usd", "Price charged at tier rates", lab, registry=r)
         self.cost = Counter("tokenfab_cost_usd", "Energy x price x PUE + amortised capex", lab, registry=r)

@@ -4,6 +4,10 @@ Runs on the event loop (no locks). It tracks, per tier, requests admitted but no
 (`queued`, with their prompt tokens) and all admitted requests (`in_flight`), and predicts a new
 request's TTFT from the engine's live step-time model: the prompt tokens ahead of it (its tier and
 faster ones) are processed at the per-step prefill capacity left after decodes.
+
+`admit` checks and counts in one synchronous call, so a burst of simultaneous requests is judged
+one after another against counts that include each other; a request that fails after admission
+and before it starts (its budget, say) hands its place back with `withdraw`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Admission:
         self.starts: dict[str, deque[tuple[float, int]]] = {t.name: deque() for t in tiers}  # (time, prompt)
         self.queued_tokens = {t.name: 0 for t in tiers}
         self.in_flight = {t.name: 0 for t in tiers}
+        self.max_queued = {t.name: 0 for t in tiers}  # high-water mark of `queued`, for /health
         self.busy_since: dict[str, float] = {}  # tier -> when its queue last became non-empty
         # closed loop on the TTFT prediction: recent actual / predicted first-token wait, per tier (the
         # step model times the forward pass alone; sampling, streaming and a CPU shared with the HTTP
@@ -177,12 +182,29 @@ class Admission:
         return max(1, math.ceil(wait))
 
     # --- bookkeeping ---------------------------------------------------------------------------
+    def admit(self, tier: Tier, prompt_tokens: int) -> Rejection | None:
+        """`check`, and if it passes count the request as admitted before anything else can run."""
+        rej = self.check(tier, prompt_tokens)
+        if rej is None:
+            self.admitted(tier.name, prompt_tokens)
+        return rej
+
     def admitted(self, tier: str, prompt_tokens: int) -> None:
         if self.queued[tier] == 0:
             self.busy_since[tier] = time.monotonic()
         self.queued[tier] += 1
+        self.max_queued[tier] = max(self.max_queued[tier], self.queued[tier])
         self.queued_tokens[tier] += prompt_tokens
         self.in_flight[tier] += 1
+
+    def withdraw(self, tier: str, prompt_tokens: int) -> None:
+        """Undo `admitted` for a request that never reached the engine."""
+        self.started(tier, prompt_tokens)
+        self.in_flight[tier] -= 1
+
+    @property
+    def total_in_flight(self) -> int:
+        return sum(self.in_flight.values())
 
     def started(self, tier: str, prompt_tokens: int, waited_s: float | None = None,
                 predicted_s: float | None = None) -> None:

@@ -1,53 +1,68 @@
-"""The HTTP gateway: /v1/models, /v1/completions, /v1/chat/completions (SSE or not), /health.
+"""The HTTP gateway: /v1/models, /v1/completions, /v1/chat/completions (SSE or not), /v1/usage, /health.
 
-A request goes: read body (bounded) -> parse and validate -> tokenise -> check it fits ->
-shed load if the queue is full -> stream from the engine. Every failure becomes an OpenAI error
-body; a client that goes away aborts its sequence, which frees its KV blocks.
+A request goes: authenticate -> read the body (bounded in bytes and JSON objects) -> validate ->
+refuse an oversized prompt from a cheap bound -> template and tokenise on a worker thread ->
+check it fits -> admit by tier (checked and counted in one synchronous step) -> reserve its budget
+-> stream from the engine. Nothing slow runs on the event loop: ledger calls, templating and
+tokenising run on their own thread pools, and settling a request that ends abruptly is handed to
+the ledger's pool without waiting. Every failure, expected or not, becomes an OpenAI error body
+with the connection kept; a client that goes away aborts its sequence, which frees its KV blocks.
+While requests run, a keeper thread checkpoints what each has delivered (see ledger/keeper.py).
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures as cf
 import contextlib
+import functools
 import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tokenfab.config import Settings
+from tokenfab.config import Settings, legacy_ledger_hint
 from tokenfab.economics.cost import request_cost_usd
 from tokenfab.economics.tiers import Tier
 from tokenfab.engine.async_engine import AsyncEngine
 from tokenfab.engine.llm_engine import RequestError, RequestOutput
 from tokenfab.engine.scheduler import TierClass
-from tokenfab.engine.sampling import SamplingParams
+from tokenfab.engine.sampling import ParamError, SamplingParams
+from tokenfab.ledger.keeper import LeaseKeeper, Progress
 from tokenfab.ledger.store import Ledger, Principal, UsageRecord
 from tokenfab.meter.metrics import FactoryMetrics
 from tokenfab.serve.admission import Admission
-from tokenfab.serve.protocol import APIError, ChatRequest, CompletionRequest, validation_error
+from tokenfab.serve.body import parse_json, read_body, validate
+from tokenfab.serve.openapi import openapi_document
+from tokenfab.serve.protocol import APIError, ChatRequest, CompletionRequest
 
 log = logging.getLogger("tokenfab.serve")
 _Req = TypeVar("_Req", CompletionRequest, ChatRequest)
+USAGE_MAX_LIMIT = 10_000
 
 
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+class GenerationFailed(RuntimeError):
+    """The engine ended a request with an error (its own fault or the engine's; the others went on)."""
+
+
 @dataclass
 class Ctx:
-    """One admitted request: who, which tier, what it may cost, and its id."""
+    """One admitted request: who, which tier, what it may cost, its id, and what it has delivered."""
 
     rid: str
     principal: Principal
@@ -58,6 +73,11 @@ class Ctx:
     started: bool = False
     predicted_ttft_s: float | None = None  # admission's raw prediction, to learn its bias from
     received_s: float | None = None  # when the server began reading the request (monotonic)
+    delivered: int = 0  # completion tokens handed to the client so far
+
+    def price_so_far_usd(self) -> float:
+        """What the request has earned: nothing before its first token, then its prompt and each token."""
+        return self.tier.price_usd(self.prompt_tokens, self.delivered) if self.delivered else 0.0
 
 
 class Gateway:
@@ -78,31 +98,43 @@ class Gateway:
         self.model_name = settings.server.served_model_name or core.loaded.name
         self.created = int(time.time())
         self.max_model_len = core.max_model_len
+        self.max_token_bytes = self.tokenizer.max_token_bytes
+        # templating and tokenising (the tokenizer releases the GIL), and the ledger, each on threads of their own
+        self._prep = cf.ThreadPoolExecutor(2, thread_name_prefix="tokenfab-prep")
+        self._db = cf.ThreadPoolExecutor(4, thread_name_prefix="tokenfab-ledger")
+        self.live: dict[str, Ctx] = {}  # admitted and not yet settled, by request id
+        self.keeper = LeaseKeeper(ledger, self.progress, settings.ledger.checkpoint_interval_s)
+        self._openapi = openapi_document(self.model_name)
+
+    def start(self) -> None:
+        self.keeper.start()
+
+    def close(self) -> None:
+        """After the HTTP server has stopped: write the last settles and checkpoint, free the pools."""
+        self._db.shutdown(wait=True)
+        self.keeper.stop()
+        self._prep.shutdown(wait=False, cancel_futures=True)
+
+    def progress(self) -> Progress:
+        """Each live request's delivered tokens and price so far (the keeper thread calls this)."""
+        return {c.rid: (c.delivered, c.price_so_far_usd()) for c in list(self.live.values())}
+
+    async def _on(self, pool: cf.Executor, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
     # --- plumbing ------------------------------------------------------------------------------
-    async def read_json(self, request: Request) -> Any:
-        limit = self.settings.server.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"request body is {declared} bytes; the limit is {limit} bytes", code="request_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-            chunks.append(chunk)
-        raw = b"".join(chunks)
-        if not raw.strip():
-            raise APIError(400, "request body is empty: send a JSON object")
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    async def read_request(self, request: Request, model_cls: type[_Req]) -> _Req:
+        """Read, parse and validate a request body and check its model."""
+        raw = await read_body(request, self.settings.server.max_body_bytes)
+        req = validate(parse_json(raw), model_cls)
+        self.check_model(req.model)
+        return req
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
+            shown = name if len(name) <= 100 else name[:100] + "..."
             raise APIError(
-                404, f"the model '{name}' does not exist; this server serves '{self.model_name}' (see GET /v1/models)",
+                404, f"the model '{shown}' does not exist; this server serves '{self.model_name}' (see GET /v1/models)",
                 param="model", code="model_not_found",
             )
 
@@ -114,14 +146,29 @@ class Gateway:
             raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
         if max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if max_tokens >= self.max_model_len:
+            raise self._too_long(f"max_tokens is {max_tokens}", "max_tokens")
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                 seed=req.seed, stop=req.stop_list(), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
                 frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
             )
-        except ValueError as exc:
-            raise APIError(400, str(exc)) from None
+        except ParamError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
+
+    def _too_long(self, what: str, param: str) -> APIError:
+        return APIError(400, f"this model's maximum context length is {self.max_model_len} tokens and {what}; "
+                        "shorten the prompt or lower max_tokens", param=param, code="context_length_exceeded")
+
+    def bound_text(self, texts: list[str], max_tokens: int | None, param: str) -> None:
+        """Refuse text that cannot fit, before tokenising it: no token stands for more than
+        `max_token_bytes` bytes, so n bytes are at least n / max_token_bytes tokens."""
+        nbytes = sum(len(t.encode("utf-8")) for t in texts)
+        at_least = math.ceil(nbytes / self.max_token_bytes)
+        if at_least + (max_tokens or 1) > self.max_model_len:
+            raise self._too_long(f"the {param} hold {nbytes} bytes of text, at least {at_least} tokens"
+                                 + (f", plus max_tokens {max_tokens}" if max_tokens else ""), param)
 
     async def principal(self, request: Request) -> Principal:
         auth = request.headers.get("authorization", "")
@@ -135,7 +182,7 @@ class Gateway:
         if scheme.lower() != "bearer" or not key.strip():
             raise APIError(401, "malformed Authorization header: use 'Bearer <key>'", type_="authentication_error",
                            code="invalid_api_key")
-        p = await asyncio.to_thread(self.ledger.authenticate, key.strip())
+        p = await self._on(self._db, self.ledger.authenticate, key.strip())
         if p is None:
             raise APIError(401, "invalid or revoked API key", type_="authentication_error", code="invalid_api_key")
         return p
@@ -153,9 +200,8 @@ class Gateway:
         return APIError(429, message + "; retry later", type_="rate_limit_error", code=reason,
                         headers={"Retry-After": str(retry_s)})
 
-    async def admit(self, request: Request, prompt_ids: list[int], params: SamplingParams, param: str,
-                    prefix: str) -> Ctx:
-        principal = await self.principal(request)
+    async def admit(self, request: Request, principal: Principal, prompt_ids: list[int], params: SamplingParams,
+                    param: str, prefix: str) -> Ctx:
         tier = self.tier_of(principal)
         try:
             self.engine.engine.check_request(len(prompt_ids), params)
@@ -164,40 +210,57 @@ class Gateway:
             raise APIError(400, str(exc), param=param, code="context_length_exceeded") from None
         core = self.engine.engine
         limit = self.settings.server.max_waiting + core.config.max_num_seqs
-        if self.engine.num_in_flight >= limit:
-            raise self._reject(tier.name, "overloaded", f"server overloaded: {self.engine.num_in_flight} requests "
+        in_flight = self.admission.total_in_flight
+        if in_flight >= limit:
+            raise self._reject(tier.name, "overloaded", f"server overloaded: {in_flight} requests "
                                f"in flight (limit {limit})", max(1, round(self.engine.step_ewma_s * 64)))
-        rej = self.admission.check(tier, len(prompt_ids))
-        predicted = self.admission.last_prediction_s  # read now: the awaits below let other requests in
+        # checked and counted in one step: no other request can be judged between the two
+        rej = self.admission.admit(tier, len(prompt_ids))
         if rej is not None:
             raise self._reject(tier.name, rej.reason, rej.message, rej.retry_after_s)
-        rid = prefix + uuid.uuid4().hex
-        worst = tier.price_usd(len(prompt_ids), params.max_tokens)
-        if principal.key_id is None:
-            await asyncio.to_thread(self.ledger.ensure_tenant, principal.tenant)
-        ok = await asyncio.to_thread(self.ledger.reserve, rid, principal.tenant, tier.name, self.model_name, worst,
-                                     len(prompt_ids))
-        if not ok:
-            t = await asyncio.to_thread(self.ledger.tenant, principal.tenant) or {}
-            self.metrics.rejections.labels(tier.name, "budget").inc()
-            raise APIError(402, f"tenant '{principal.tenant}' has exhausted its budget: ${t.get('budget_usd') or 0:.6f} "
-                           f"budget, ${t.get('spent_usd', 0):.6f} spent, ${t.get('reserved_usd', 0):.6f} held by "
-                           f"requests in flight; this request could cost up to ${worst:.6f}. Raise the budget with "
-                           "`tokenfab keys create --tenant ... --budget-usd ...` or lower max_tokens",
-                           type_="insufficient_quota", code="budget_exhausted")
-        self.admission.admitted(tier.name, len(prompt_ids))
+        predicted = self.admission.last_prediction_s
+        try:
+            rid = prefix + uuid.uuid4().hex
+            worst = tier.price_usd(len(prompt_ids), params.max_tokens)
+            if principal.key_id is None:
+                await self._on(self._db, self.ledger.ensure_tenant, principal.tenant)
+            ok = await self._on(self._db, self.ledger.reserve, rid, principal.tenant, tier.name, self.model_name,
+                                worst, len(prompt_ids))
+            if not ok:
+                raise await self._budget_error(principal, tier, len(prompt_ids), params.max_tokens, worst)
+        except BaseException:
+            self.admission.withdraw(tier.name, len(prompt_ids))
+            raise
         self.metrics.in_flight.labels(tier.name).inc()
         self.metrics.queued.labels(tier.name).inc()
-        return Ctx(rid, principal, tier, len(prompt_ids), params.max_tokens, time.monotonic(), predicted_ttft_s=predicted,
-                   received_s=getattr(request.state, "received_s", None))
+        ctx = Ctx(rid, principal, tier, len(prompt_ids), params.max_tokens, time.monotonic(),
+                  predicted_ttft_s=predicted, received_s=getattr(request.state, "received_s", None))
+        self.live[rid] = ctx
+        return ctx
 
-    def _record(self, ctx: Ctx, last: RequestOutput | None, status: str, error: str | None,
-                completion_tokens: int) -> UsageRecord:
+    async def _budget_error(self, principal: Principal, tier: Tier, prompt: int, max_tokens: int,
+                            worst: float) -> APIError:
+        t = await self._on(self._db, self.ledger.tenant, principal.tenant) or {}
+        self.metrics.rejections.labels(tier.name, "budget").inc()
+        budget, spent, held = t.get("budget_usd") or 0.0, t.get("spent_usd", 0.0), t.get("reserved_usd", 0.0)
+        free = max(0.0, budget - spent - held)
+        state = ("has spent its budget" if spent >= budget else
+                 f"has ${free:.6f} of its ${budget:.6f} budget free (${spent:.6f} spent, ${held:.6f} held by "
+                 "requests in flight)")
+        return APIError(402, f"tenant '{principal.tenant}' {state}; this request could cost up to ${worst:.6f} "
+                        f"({prompt} prompt tokens + max_tokens {max_tokens} at tier '{tier.name}' prices; a "
+                        "request without max_tokens reserves the rest of the context). Lower max_tokens, or raise "
+                        "the budget with `tokenfab keys create --tenant ... --budget-usd ...`",
+                        type_="insufficient_quota", code="budget_exhausted")
+
+    def _record(self, ctx: Ctx, last: RequestOutput | None, status: str, error: str | None) -> UsageRecord:
         m = last.metering if last is not None else None
         tier, model = ctx.tier, self.model_name
         prompt = last.prompt_tokens if last else ctx.prompt_tokens
-        completion = last.completion_tokens if last else completion_tokens
-        price = tier.price_usd(prompt, completion)
+        completion = last.completion_tokens if last else ctx.delivered
+        # completed: prompt and completion; cut off: prompt and what was delivered, once anything was;
+        # failed by the engine: nothing
+        price = 0.0 if status == "failed" else tier.price_usd(prompt, completion) if completion else 0.0
         mc = self.settings.meter
         cost = request_cost_usd(m.joules, m.device_s, mc.electricity_usd_per_kwh, mc.pue,
                                 mc.capex_usd_per_hour) if m else None
@@ -220,7 +283,7 @@ class Gateway:
         )
 
     def _observe(self, rec: UsageRecord) -> None:
-        lab = (rec.tier, rec.tenant, rec.model)
+        lab = (rec.tier, rec.model)
         mt = self.metrics
         mt.requests.labels(*lab, rec.status).inc()
         mt.tokens.labels(*lab, "prompt").inc(rec.prompt_tokens)
@@ -232,11 +295,11 @@ class Gateway:
         if rec.cost_usd is not None:
             mt.cost.labels(*lab).inc(rec.cost_usd)
         if rec.ttft_ms is not None:
-            mt.ttft.labels(rec.tier, rec.model).observe(rec.ttft_ms / 1000)
+            mt.ttft.labels(*lab).observe(rec.ttft_ms / 1000)
         if rec.tpot_ms is not None:
-            mt.tpot.labels(rec.tier, rec.model).observe(rec.tpot_ms / 1000)
+            mt.tpot.labels(*lab).observe(rec.tpot_ms / 1000)
         if rec.e2e_ms is not None:
-            mt.e2e.labels(rec.tier, rec.model).observe(rec.e2e_ms / 1000)
+            mt.e2e.labels(*lab).observe(rec.e2e_ms / 1000)
 
     def _mark_started(self, ctx: Ctx, first_token: bool = False) -> None:
         if not ctx.started:
@@ -249,7 +312,19 @@ class Gateway:
         self._mark_started(ctx)
         self.admission.finished(ctx.tier.name, rec.tpot_ms / 1000 if rec.tpot_ms else None)
         self.metrics.in_flight.labels(ctx.tier.name).dec()
+        self.live.pop(ctx.rid, None)
         self._observe(rec)
+
+    def _settle_soon(self, rec: UsageRecord) -> None:
+        """Hand the record to the ledger's pool without waiting (we may be inside a cancelled task)."""
+        def done(f: cf.Future) -> None:
+            if f.exception() is not None:
+                log.error("could not write the usage record of %s: %s", rec.request_id, f.exception())
+
+        try:
+            self._db.submit(self.ledger.settle, rec).add_done_callback(done)
+        except RuntimeError:  # the pool is shut down: the server is stopping; write it here
+            self.ledger.settle(rec)
 
     async def _metered(self, ctx: Ctx, agen: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
         """Yield the engine's outputs; the usage record is durable before the final output is passed on.
@@ -257,29 +332,34 @@ class Gateway:
         A request that fails or is abandoned (client gone) is recorded too, from the finally block.
         """
         done = False
-        tokens = 0
         error: str | None = None
         status = "aborted"
         try:
             async for out in agen:
                 self._mark_started(ctx, first_token=True)
-                tokens += len(out.token_ids)
+                if out.finished and out.error is not None:
+                    status, error = "failed", out.error
+                    rec = self._record(ctx, out, status, error)
+                    await self._on(self._db, self.ledger.settle, rec)
+                    done = True
+                    self._end(ctx, rec)
+                    raise GenerationFailed(out.error)
+                ctx.delivered += len(out.token_ids)
                 if out.finished:
-                    rec = self._record(ctx, out, "completed", None, tokens)
-                    await asyncio.to_thread(self.ledger.settle, rec)
+                    rec = self._record(ctx, out, "completed", None)
+                    await self._on(self._db, self.ledger.settle, rec)
                     done = True
                     self._end(ctx, rec)
                 yield out
+        except GenerationFailed:
+            raise
         except Exception as exc:
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             raise
         finally:
             if not done:
-                rec = self._record(ctx, None, status, error or "client disconnected", tokens)
-                try:
-                    self.ledger.settle(rec)  # synchronous: we may be inside a cancelled task
-                except Exception:  # noqa: BLE001
-                    log.exception("could not write the usage record of %s", ctx.rid)
+                rec = self._record(ctx, None, status, error or "client disconnected")
+                self._settle_soon(rec)
                 self._end(ctx, rec)
 
     async def run(self, request: Request, prompt_ids: list[int], params: SamplingParams, ctx: Ctx,
@@ -291,7 +371,10 @@ class Gateway:
         if stream:
             return StreamingResponse(self._sse(agen, f, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
-        result = await _until_disconnect(request, _collect(agen))
+        try:
+            result = await _until_disconnect(request, _collect(agen))
+        except GenerationFailed as exc:
+            raise APIError(500, f"generation failed: {exc}", type_="server_error", code="generation_failed") from None
         if result is None:  # client went away; the sequence was aborted
             return Response(status_code=499)
         text, last = result
@@ -308,9 +391,10 @@ class Gateway:
             if include_usage and last is not None:
                 yield _sse(f.usage_chunk(last))
         except Exception as exc:  # noqa: BLE001 - report in-band; the HTTP status is already sent
-            log.exception("stream %s failed", f.rid)
+            if not isinstance(exc, GenerationFailed):
+                log.exception("stream %s failed", f.rid)
             yield _sse({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
-                                  "code": None}})
+                                  "code": "generation_failed"}})
         finally:
             await agen.aclose()
         yield b"data: [DONE]\n\n"
@@ -322,14 +406,18 @@ class Gateway:
             "status": "ok", "model": self.model_name, "synthetic": self.loaded.synthetic,
             "kernels": core.kernel_info(),
             "running": len(core.scheduler.running), "waiting": len(core.scheduler.waiting),
-            "in_flight": self.engine.num_in_flight, "kv_cache_usage": round(core.block_manager.usage(), 4),
+            "in_flight": self.engine.num_in_flight, "admitted": self.admission.total_in_flight,
+            "kv_cache_usage": round(core.block_manager.usage(), 4),
             "steps": self.engine.num_steps, "step_ewma_ms": round(self.engine.step_ewma_s * 1000, 3),
             "step_model": {"a_ms": round(core.step_model.a_s * 1000, 3),
                            "per_decode_ms": round(core.step_model.b_dec_s * 1000, 4),
                            "per_prefill_token_ms": round(core.step_model.b_pre_s * 1000, 4),
                            "budget_scale": round(core.scheduler.budget_scale, 3)},
             "admission": {"ttft_bias": {k: round(v, 3) for k, v in self.admission.ttft_bias.items()},
-                          "queued": dict(self.admission.queued), "in_flight": dict(self.admission.in_flight)},
+                          "queued": dict(self.admission.queued), "in_flight": dict(self.admission.in_flight),
+                          "max_queued": dict(self.admission.max_queued),
+                          "queue_limit": self.admission.queue_limit},
+            "ledger": {"owner": self.ledger.owner, "live": len(self.live)},
         })
 
     def _model_card(self) -> dict[str, Any]:
@@ -344,18 +432,29 @@ class Gateway:
     async def prometheus(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    async def openapi(self, request: Request) -> JSONResponse:
+        return JSONResponse(self._openapi)
+
     async def usage(self, request: Request) -> JSONResponse:
         p = await self.principal(request)
         if p.key_id is None:
             raise APIError(401, "usage records belong to a tenant: send your API key", type_="authentication_error",
                            code="missing_api_key")
-        since = request.query_params.get("since")
-        try:
-            since_f = float(since) if since else None
-            limit = int(request.query_params.get("limit", "1000"))
-        except ValueError:
-            raise APIError(400, "since must be unix seconds and limit an integer", param="since") from None
-        rows = await asyncio.to_thread(self.ledger.usage_records, p.tenant, since_f, limit)
+        q = request.query_params
+        since_f = None
+        if q.get("since"):
+            try:
+                since_f = float(q["since"])
+            except ValueError:
+                since_f = math.nan
+            if not math.isfinite(since_f):
+                raise APIError(400, f"since must be unix seconds (a finite number), got {q['since'][:40]!r}",
+                               param="since")
+        raw_limit = q.get("limit", "1000")
+        if not (raw_limit.isdigit() and 1 <= int(raw_limit) <= USAGE_MAX_LIMIT):  # isdigit first: no huge ints
+            raise APIError(400, f"limit must be an integer from 1 to {USAGE_MAX_LIMIT}, got {raw_limit[:40]!r}",
+                           param="limit")
+        rows = await self._on(self._db, self.ledger.usage_records, p.tenant, since_f, int(raw_limit))
         return JSONResponse({"object": "list", "tenant": p.tenant, "data": rows})
 
     async def models(self, request: Request) -> JSONResponse:
@@ -365,19 +464,10 @@ class Gateway:
         self.check_model(request.path_params["model"])
         return JSONResponse(self._model_card())
 
-    async def parse(self, request: Request, model_cls: type[_Req]) -> _Req:
-        """Read, validate and check the model of a request body."""
-        body = await self.read_json(request)
-        try:
-            req = model_cls.model_validate(body)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
-        self.check_model(req.model)
-        return req
-
     async def completions(self, request: Request) -> Response:
         request.state.received_s = time.monotonic()
-        req = await self.parse(request, CompletionRequest)
+        principal = await self.principal(request)
+        req = await self.read_request(request, CompletionRequest)
         for name, bad in (("echo", req.echo), ("logprobs", req.logprobs), ("suffix", req.suffix),
                           ("best_of", req.best_of not in (None, 1))):
             if bad:
@@ -388,41 +478,46 @@ class Gateway:
                 raise APIError(400, f"a batch of {len(prompt)} prompts is not supported: send one prompt per request",
                                param="prompt")
             prompt = prompt[0]
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        params = self.sampling(req, max_tokens)
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            self.bound_text([prompt], max_tokens, "prompt")
+            ids = await self._on(self._prep, self.tokenizer.encode, prompt)
         else:
+            if len(prompt) + max_tokens > self.max_model_len:
+                raise self._too_long(f"{len(prompt)} prompt tokens + max_tokens {max_tokens} were requested", "prompt")
             vocab = self.engine.engine.vocab_limit
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
-                raise APIError(400, f"prompt token ids must be in [0, {vocab}); got {bad[0]}", param="prompt")
+                raise APIError(400, f"prompt token ids must be in [0, {vocab}); got {str(bad[0])[:40]}", param="prompt")
             ids = list(prompt)
         if not ids:
             raise APIError(400, "the prompt is empty: give at least one token of input", param="prompt")
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        return await self.start(request, req, ids, max_tokens, "prompt", "cmpl-", _CompletionFormat)
+        return await self.serve(request, principal, req, ids, params, "prompt", "cmpl-", _CompletionFormat)
 
     async def chat(self, request: Request) -> Response:
         request.state.received_s = time.monotonic()
-        req = await self.parse(request, ChatRequest)
+        principal = await self.principal(request)
+        req = await self.read_request(request, ChatRequest)
         if req.logprobs or req.top_logprobs:
             raise APIError(400, "'logprobs' is not supported by this server", param="logprobs")
         if req.tools:
             raise APIError(400, "tool calling is not supported by this model's server", param="tools")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        self.bound_text([m["content"] for m in messages], limit, "messages")
         try:
-            text = self.tokenizer.apply_chat_template(messages)
+            ids = await self._on(self._prep, self.tokenizer.encode_chat, messages)
         except Exception as exc:  # noqa: BLE001 - template errors are the caller's message shape
             raise APIError(400, f"messages cannot be formatted with the model's chat template: {exc}",
                            param="messages") from None
-        ids = self.tokenizer.encode(text)
-        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = limit if limit is not None else max(1, self.max_model_len - len(ids))
-        return await self.start(request, req, ids, max_tokens, "messages", "chatcmpl-", _ChatFormat)
-
-    async def start(self, request: Request, req: CompletionRequest | ChatRequest, ids: list[int], max_tokens: int,
-                    param: str, prefix: str, fmt: type[_Format]) -> Response:
         params = self.sampling(req, max_tokens)
-        ctx = await self.admit(request, ids, params, param, prefix)
+        return await self.serve(request, principal, req, ids, params, "messages", "chatcmpl-", _ChatFormat)
+
+    async def serve(self, request: Request, principal: Principal, req: CompletionRequest | ChatRequest,
+                    ids: list[int], params: SamplingParams, param: str, prefix: str, fmt: type[_Format]) -> Response:
+        ctx = await self.admit(request, principal, ids, params, param, prefix)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await self.run(request, ids, params, ctx, req.stream, include_usage, fmt)
 
@@ -533,13 +628,36 @@ async def _until_disconnect(request: Request, coro: Any) -> Any:
     return None
 
 
-def _lifespan(engine: AsyncEngine) -> Any:
+def _lifespan(engine: AsyncEngine, gw: Gateway) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gw.start()
         yield
         engine.shutdown()
+        gw.close()
 
     return lifespan
+
+
+def _guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Answer every exception of a route as an OpenAI error here, so none reaches the server's last-resort
+    handler (which closes the connection after a 500, failing the client's next request on it)."""
+    @functools.wraps(handler)
+    async def route(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except APIError as exc:
+            return error_response(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug: logged, answered, and the server goes on
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            return error_response(APIError(500, f"internal error ({type(exc).__name__}); the server logged it",
+                                           type_="server_error", code="internal_error"))
+
+    return route
+
+
+ROUTES = ("GET /v1/models, GET /v1/models/{model}, POST /v1/completions, POST /v1/chat/completions, "
+          "GET /v1/usage, GET /health, GET /metrics, GET /openapi.json")
 
 
 def build_app(settings: Settings, engine: AsyncEngine, ledger: Ledger, metrics: FactoryMetrics | None = None,
@@ -547,36 +665,25 @@ def build_app(settings: Settings, engine: AsyncEngine, ledger: Ledger, metrics: 
     metrics = metrics or FactoryMetrics(energy_source, False)
     gw = Gateway(settings, engine, ledger, metrics, energy_source)
 
-    async def on_api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, APIError)
-        return error_response(exc)
-
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         kind = "not_found" if exc.status_code == 404 else None
-        msg = f"{request.method} {request.url.path}: {exc.detail}"
-        if exc.status_code == 404:
-            msg += " (routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health)"
+        msg = f"{request.method} {request.url.path[:200]}: {exc.detail}"
+        if exc.status_code in (404, 405):
+            msg += f" (routes: {ROUTES})"
         return error_response(APIError(exc.status_code, msg, code=kind))
 
-    async def on_error(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(APIError(500, f"internal error: {exc}", type_="server_error"))
-
     routes = [
-        Route("/health", gw.health, methods=["GET"]),
-        Route("/metrics", gw.prometheus, methods=["GET"]),
-        Route("/v1/usage", gw.usage, methods=["GET"]),
-        Route("/v1/models", gw.models, methods=["GET"]),
-        Route("/v1/models/{model:path}", gw.model, methods=["GET"]),
-        Route("/v1/completions", gw.completions, methods=["POST"]),
-        Route("/v1/chat/completions", gw.chat, methods=["POST"]),
+        Route("/health", _guarded(gw.health), methods=["GET"]),
+        Route("/metrics", _guarded(gw.prometheus), methods=["GET"]),
+        Route("/openapi.json", _guarded(gw.openapi), methods=["GET"]),
+        Route("/v1/usage", _guarded(gw.usage), methods=["GET"]),
+        Route("/v1/models", _guarded(gw.models), methods=["GET"]),
+        Route("/v1/models/{model:path}", _guarded(gw.model), methods=["GET"]),
+        Route("/v1/completions", _guarded(gw.completions), methods=["POST"]),
+        Route("/v1/chat/completions", _guarded(gw.chat), methods=["POST"]),
     ]
-    app = Starlette(
-        routes=routes,
-        exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_error},
-        lifespan=_lifespan(engine),
-    )
+    app = Starlette(routes=routes, exception_handlers={HTTPException: on_http_error}, lifespan=_lifespan(engine, gw))
     app.state.gateway = gw
     return app
 
@@ -587,6 +694,20 @@ def tier_policy(settings: Settings) -> tuple[TierClass, ...] | None:
     return tuple(TierClass(t.name, t.guaranteed_share, t.max_share, t.slo.min_tok_s_user) for t in settings.tiers)
 
 
+def open_ledger(settings: Settings) -> Ledger:
+    """The configured ledger, with this server's lease; recovers only what dead servers left behind."""
+    lc = settings.ledger
+    hint = legacy_ledger_hint(lc)
+    if hint:
+        log.warning("ledger: %s", hint)
+    ledger = Ledger(lc.resolved_url(), lease_s=lc.reservation_lease_s)
+    recovered = ledger.recover()
+    if recovered:
+        log.warning("ledger: %d requests were left in flight by servers that stopped; recorded as aborted, billed "
+                    "what they had delivered", recovered)
+    return ledger
+
+
 def create_server(settings: Settings, loaded: Any = None) -> tuple[Starlette, AsyncEngine, Ledger]:
     """Everything `tokenfab serve` runs: energy source, engine (tier policy), ledger (recovered), metrics, app."""
     from tokenfab.engine.llm_engine import LLMEngine
@@ -594,14 +715,11 @@ def create_server(settings: Settings, loaded: Any = None) -> tuple[Starlette, As
 
     mc = settings.meter
     energy = detect(mc.energy_source, mc.cpu_watts_per_core, mc.idle_watts)
-    ledger = Ledger(settings.ledger.ledger_url)
-    recovered = ledger.recover()
-    if recovered:
-        log.warning("ledger: %d requests were in flight when the server last stopped; recorded as aborted", recovered)
+    ledger = open_ledger(settings)
     core = LLMEngine(settings.engine, loaded=loaded, energy=energy, policy=tier_policy(settings))
     engine = AsyncEngine(core)
     metrics = FactoryMetrics(energy.name, energy.measured)
     app = build_app(settings, engine, ledger, metrics, energy.name)
-    log.info("energy: %s (%s); ledger: %s", energy.name, "measured" if energy.measured else "modelled",
-             settings.ledger.ledger_url)
+    log.info("energy: %s (%s); ledger: %s (this server: %s)", energy.name,
+             "measured" if energy.measured else "modelled", ledger.url, ledger.owner)
     return app, engine, ledger
