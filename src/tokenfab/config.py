@@ -30,7 +30,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str = ""  # "" = the loaded model's own name
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 0  # 0: sized for the model (a whole-context prompt, twice over; at least 1 MiB)
     max_waiting: int = 512  # requests queued beyond this are answered 429 with Retry-After
     log_level: str = "info"
 

@@ -20,6 +20,8 @@ import functools
 import json
 import logging
 import math
+import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -50,6 +52,8 @@ from tokenfab.serve.protocol import APIError, ChatRequest, CompletionRequest
 log = logging.getLogger("tokenfab.serve")
 _Req = TypeVar("_Req", CompletionRequest, ChatRequest)
 USAGE_MAX_LIMIT = 10_000
+HEAVY_BODY_BYTES = 256 * 1024  # bodies from this size on are parsed one at a time ...
+HEAVY_BODY_PAUSE_S = 0.010  # ... each followed by this long for the engine thread (a decode step or more)
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -99,8 +103,12 @@ class Gateway:
         self.created = int(time.time())
         self.max_model_len = core.max_model_len
         self.max_token_bytes = self.tokenizer.max_token_bytes
-        # templating and tokenising (the tokenizer releases the GIL), and the ledger, each on threads of their own
-        self._prep = cf.ThreadPoolExecutor(2, thread_name_prefix="tokenfab-prep")
+        self.max_body_bytes = settings.server.max_body_bytes or auto_body_bytes(self.max_model_len,
+                                                                                 self.max_token_bytes)
+        self._heavy = asyncio.Lock()
+        # templating and tokenising (the tokenizer releases the GIL), and the ledger, each on threads of their own;
+        # tokenising runs at a lower CPU priority than the engine, so a long prompt arriving slows no live stream
+        self._prep = cf.ThreadPoolExecutor(2, thread_name_prefix="tokenfab-prep", initializer=_lower_priority)
         self._db = cf.ThreadPoolExecutor(4, thread_name_prefix="tokenfab-ledger")
         self.live: dict[str, Ctx] = {}  # admitted and not yet settled, by request id
         self.keeper = LeaseKeeper(ledger, self.progress, settings.ledger.checkpoint_interval_s)
@@ -124,9 +132,22 @@ class Gateway:
 
     # --- plumbing ------------------------------------------------------------------------------
     async def read_request(self, request: Request, model_cls: type[_Req]) -> _Req:
-        """Read, parse and validate a request body and check its model."""
-        raw = await read_body(request, self.settings.server.max_body_bytes)
-        req = validate(parse_json(raw), model_cls)
+        """Read, parse and validate a request body and check its model.
+
+        Parsing and validating hold the GIL for as long as they run (a few ms per MB), and the engine
+        thread needs the GIL between every op of a step, so a step is delayed by the sum of all the
+        parses that run during it. Large bodies are therefore parsed one at a time, each followed by
+        a pause in which the engine runs: a burst of them delays a step by one parse, not by all.
+        """
+        raw = await read_body(request, self.max_body_bytes)
+        if len(raw) < HEAVY_BODY_BYTES:
+            req = validate(parse_json(raw), model_cls)
+        else:
+            async with self._heavy:
+                try:
+                    req = validate(parse_json(raw), model_cls)
+                finally:
+                    await asyncio.sleep(HEAVY_BODY_PAUSE_S)
         self.check_model(req.model)
         return req
 
@@ -418,6 +439,7 @@ class Gateway:
                           "max_queued": dict(self.admission.max_queued),
                           "queue_limit": self.admission.queue_limit},
             "ledger": {"owner": self.ledger.owner, "live": len(self.live)},
+            "limits": {"max_body_bytes": self.max_body_bytes, "max_model_len": self.max_model_len},
         })
 
     def _model_card(self) -> dict[str, Any]:
@@ -626,6 +648,23 @@ async def _until_disconnect(request: Request, coro: Any) -> Any:
     except asyncio.CancelledError:
         pass
     return None
+
+
+def auto_body_bytes(max_model_len: int, max_token_bytes: int) -> int:
+    """The body cap when none is configured: room for a prompt of the whole context in the longest tokens,
+    twice over for JSON's escapes, and never under 1 MiB."""
+    return max(1 << 20, 2 * max_model_len * max_token_bytes + (64 << 10))
+
+
+PREP_NICENESS = 10  # CFS weights a nice-10 thread at about a tenth of the engine's nice-0 threads
+
+
+def _lower_priority() -> None:
+    """Raise this thread's niceness (Linux schedules threads individually; anyone may lower their own priority)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREP_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the thread runs at normal priority
+        pass
 
 
 def _lifespan(engine: AsyncEngine, gw: Gateway) -> Any:
