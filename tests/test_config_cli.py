@@ -68,3 +68,28 @@ def test_cli_usage_errors_are_one_line_exit_2(args, needle, tmp_path):
     assert r.returncode == 2
     assert needle in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_keys_and_usage_name_one_ledger_from_any_directory(tmp_path):
+    """The default ledger lives in the data directory, not the working one, and every command names it."""
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
+    env.pop("TOKENFAB_LEDGER_URL", None)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+
+    def cli(*args, cwd):
+        return subprocess.run([sys.executable, "-m", "tokenfab.cli", *args], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path / cwd, env=env)
+
+    first = cli("keys", "create", "--tenant", "acme", "--tier", "fast", "--budget-usd", "5", cwd="a")
+    assert first.returncode == 0, first.stderr
+    expected = f"ledger: sqlite:///{tmp_path / 'data' / 'tokenfab' / 'ledger.db'}"
+    assert expected in first.stderr and "budget $5" in first.stdout
+    again = cli("keys", "create", "--tenant", "acme", "--tier", "fast", cwd="b")
+    assert again.returncode == 0, again.stderr
+    # the same tenant, found from another directory; its existing budget is the one that applies
+    assert "existing tenant acme" in again.stdout and "budget $5" in again.stdout and "no budget limit" not in again.stdout
+    listed = cli("keys", "list", cwd="b")
+    assert expected in listed.stderr and listed.stdout.count("acme") == 2
+    bad = cli("usage", "--limit", "-1", cwd="b")
+    assert bad.returncode == 2 and "--limit must be at least 1" in bad.stderr

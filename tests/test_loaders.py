@@ -90,3 +90,23 @@ def test_gguf_tokenizer_and_chat_template(real_model):
     rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert rendered.startswith("<|im_start|>system\n") and rendered.endswith("<|im_start|>assistant\n")
     assert 2 in tok.eos_token_ids
+
+
+def test_dequantised_weights_are_cached_by_content_not_by_mtime(tmp_path):
+    """Reinstalling the model package gives the same file a new mtime: the cache must not grow a copy."""
+    import os
+    import shutil
+
+    from tokenfab.engine.loader import BUNDLED_SHA256, bundled_gguf_path, load_gguf
+
+    gguf = tmp_path / "model.gguf"
+    shutil.copyfile(bundled_gguf_path(), gguf)
+    cache = tmp_path / "cache"
+    cfg = EngineConfig(cache_dir=str(cache))
+    load_gguf(gguf, cfg, name="m", expect_sha_prefix=BUNDLED_SHA256)
+    [first] = cache.glob("model-*.pt")
+    built = first.stat().st_mtime_ns
+    os.utime(gguf, (1_000_000_000, 1_000_000_000))  # the same bytes, a new mtime
+    load_gguf(gguf, cfg, name="m", expect_sha_prefix=BUNDLED_SHA256)
+    assert list(cache.glob("model-*.pt")) == [first] and first.stat().st_mtime_ns == built  # reused, not rebuilt
+    assert first.name.startswith("model-" + BUNDLED_SHA256)

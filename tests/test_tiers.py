@@ -78,6 +78,20 @@ def test_budget_exhaustion_under_50_concurrent_requests(server):
     assert t["spent_usd"] == pytest.approx(charged, rel=1e-6)
 
 
+def test_a_402_says_what_is_free_and_what_the_request_could_cost(server):
+    _, key = server.ledger.create_key("thrifty", "standard", budget_usd=0.0001)
+    c = client(server, key)
+    with pytest.raises(openai.APIStatusError) as exc:  # no max_tokens: it reserves the rest of the context
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+    err = exc.value.body
+    assert exc.value.status_code == 402 and err["code"] == "budget_exhausted"
+    msg = err["message"]
+    assert "has $0.000100 of its $0.000100 budget free" in msg and "exhausted" not in msg
+    assert "a request without max_tokens reserves the rest of the context" in msg and "Lower max_tokens" in msg
+    assert c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                     max_tokens=4).usage.completion_tokens >= 1
+
+
 def test_metrics_and_usage_add_up_to_what_clients_received(server):
     _, key = server.ledger.create_key("counted", "fast")
     _, other = server.ledger.create_key("someone-else", "free")

@@ -140,6 +140,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _content_sha256(path: Path, memo_dir: Path) -> str:
+    """The file's sha256, remembered beside the cache against its size and mtime (hashing ~100 MB costs
+    ~0.3 s, so it is done once per version of the file, not at every start)."""
+    st = path.stat()
+    stamp = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    memo = memo_dir / f"{path.stem}.sha256.json"
+    try:
+        known = json.loads(memo.read_text())
+        if {k: known.get(k) for k in stamp} == stamp:
+            return str(known["sha256"])
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = _sha256(path)
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**stamp, "sha256": digest}))
+    os.replace(tmp, memo)
+    return digest
+
+
 def load_gguf(path: Path, config: EngineConfig, name: str, expect_sha_prefix: str | None = None) -> LoadedModel:
     from gguf import GGUFReader
     from gguf.quants import dequantize
@@ -173,15 +192,13 @@ def load_gguf(path: Path, config: EngineConfig, name: str, expect_sha_prefix: st
         attention_bias="blk.0.attn_q.bias" in tensor_names,
     )
     quant = sorted({t.tensor_type.name for t in reader.tensors})
-    st = path.stat()
-    cache = cache_dir(config) / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}.pt"
+    digest = _content_sha256(path, cache_dir(config))
+    if expect_sha_prefix and not digest.startswith(expect_sha_prefix):
+        raise ValueError(f"{path} has sha256 {digest}, expected one starting {expect_sha_prefix}: refusing to load")
+    cache = cache_dir(config) / f"{path.stem}-{digest[:16]}.pt"  # by content: a reinstall reuses it
     if cache.is_file():
         weights = torch.load(cache, mmap=True, weights_only=True)
     else:
-        if expect_sha_prefix:
-            digest = _sha256(path)
-            if not digest.startswith(expect_sha_prefix):
-                raise ValueError(f"{path} has sha256 {digest}, expected one starting {expect_sha_prefix}: refusing to load")
         rename = {"attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o",
                   "ffn_norm": "ffn_norm", "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down"}
         weights = {}
@@ -203,9 +220,12 @@ def load_gguf(path: Path, config: EngineConfig, name: str, expect_sha_prefix: st
                 log.info("ignoring GGUF tensor %s", t.name)
                 continue
             weights[key] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         torch.save(weights, tmp)
         os.replace(tmp, cache)
+        for old in cache.parent.glob(f"{path.stem}-*.pt"):  # earlier contents of this file: never read again
+            if old != cache:
+                old.unlink(missing_ok=True)
     return LoadedModel(
         name=name,
         args=args,
