@@ -17,7 +17,7 @@ import uuid
 import httpx
 import pytest
 
-from tokenfab.config import AdmissionConfig, LedgerConfig, ServerConfig, Settings
+from tokenfab.config import AdmissionConfig, LedgerConfig, Settings
 from tokenfab.economics.tiers import default_tiers
 from tokenfab.engine.config import EngineConfig
 from tokenfab.ledger.store import Ledger

@@ -167,8 +167,8 @@ class LLMEngine:
     ) -> str:
         self.check_request(len(prompt_ids), params)
         vocab = self.vocab_limit
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            bad = next(t for t in prompt_ids if not 0 <= t < vocab)
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
             raise RequestError(f"prompt token ids must be in [0, {vocab}); got {bad}")
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.seqs:

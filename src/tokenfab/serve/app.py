@@ -80,8 +80,13 @@ class Ctx:
     delivered: int = 0  # completion tokens handed to the client so far
 
     def price_so_far_usd(self) -> float:
-        """What the request has earned: nothing before its first token, then its prompt and each token."""
-        return self.tier.price_usd(self.prompt_tokens, self.delivered) if self.delivered else 0.0
+        return charge_usd(self.tier, self.prompt_tokens, self.delivered)
+
+
+def charge_usd(tier: Tier, prompt_tokens: int, completion_tokens: int) -> float:
+    """What a request that delivered `completion_tokens` is charged: nothing before its first token,
+    then its prompt and each token at the tier's rates."""
+    return tier.price_usd(prompt_tokens, completion_tokens) if completion_tokens else 0.0
 
 
 class Gateway:
@@ -279,9 +284,7 @@ class Gateway:
         tier, model = ctx.tier, self.model_name
         prompt = last.prompt_tokens if last else ctx.prompt_tokens
         completion = last.completion_tokens if last else ctx.delivered
-        # completed: prompt and completion; cut off: prompt and what was delivered, once anything was;
-        # failed by the engine: nothing
-        price = 0.0 if status == "failed" else tier.price_usd(prompt, completion) if completion else 0.0
+        price = 0.0 if status == "failed" else charge_usd(tier, prompt, completion)  # the engine's failure: free
         mc = self.settings.meter
         cost = request_cost_usd(m.joules, m.device_s, mc.electricity_usd_per_kwh, mc.pue,
                                 mc.capex_usd_per_hour) if m else None
