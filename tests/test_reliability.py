@@ -315,9 +315,9 @@ def test_a_second_server_on_the_same_ledger_leaves_the_first_ones_requests_charg
             held = first.ledger.in_flight(owner=first.ledger.owner)
             assert held >= 1
             # a second server starts on the same ledger while the first one's requests stream
-            app2, engine2, ledger2 = create_server(settings, real_model)
+            app2, backend2, ledger2 = create_server(settings, real_model)
             assert ledger2.owner != first.ledger.owner
-            engine2.shutdown()
+            backend2.shutdown()
             ledger2.close()
             # its start-up recovery left the live server's reservations alone, and wrote no records for them
             assert first.ledger.in_flight(owner=first.ledger.owner) >= held - sum(f.done() for f in futs)

@@ -15,7 +15,7 @@ from tokenfab.config import AdmissionConfig, LedgerConfig, Settings
 from tokenfab.engine.config import EngineConfig
 from tokenfab.engine.sampling import SamplingParams
 from tokenfab.engine.scheduler import TierClass
-from tokenfab.engine.step_model import StepTimeModel
+from tokenfab.step_model import StepTimeModel
 
 from conftest import LiveServer, make_engine
 

@@ -180,11 +180,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from tokenfab.serve.app import create_server
 
     try:
-        app, engine, ledger = create_server(settings)
+        app, backend, ledger = create_server(settings)
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(f"tokenfab serve: {exc}") from None
-    core = engine.engine
-    label = " [SYNTHETIC weights: text is noise]" if core.loaded.synthetic else ""
+    label = " [SYNTHETIC weights: text is noise]" if backend.info.synthetic else ""
     server = uvicorn.Server(
         uvicorn.Config(app, host=settings.server.host, port=settings.server.port, log_level=settings.server.log_level)
     )
@@ -193,7 +192,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         try:
             server.run()
         finally:
-            engine.shutdown()  # the HTTP server is gone (stopped, or failed to bind): stop the engine too
+            backend.shutdown()  # the HTTP server is gone (stopped, or failed to bind): stop the engine too
 
     def on_signal(signum: int, frame: object) -> None:
         server.should_exit = True
@@ -207,7 +206,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         f"; ledger: {_shown(ledger.url)}",
         flush=True,
     )
-    engine.run()  # the engine loop owns the main thread
+    backend.run()  # the engine loop owns the main thread
     http.join()
     return 0 if server.started else 1
 

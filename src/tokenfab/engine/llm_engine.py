@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -19,52 +18,17 @@ from tokenfab.engine.config import EngineConfig, resolve_small_batch_max_tokens
 from tokenfab.engine.loader import LoadedModel, load_model
 from tokenfab.engine.model import LlamaModel
 from tokenfab.engine.model_runner import ModelRunner
-from tokenfab.engine.sampling import Sampler, SamplingParams, make_generator
+from tokenfab.engine.sampling import Sampler, make_generator
 from tokenfab.engine.scheduler import Scheduler, TierClass
 from tokenfab.engine.sequence import Sequence
-from tokenfab.engine.step_model import StepTimeModel
+from tokenfab.generation import RequestError, RequestMetering, RequestOutput, SamplingParams
+from tokenfab.step_model import StepTimeModel
+
+__all__ = ["LLMEngine", "RequestError", "RequestMetering", "RequestOutput"]
 
 log = logging.getLogger("tokenfab.engine")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class RequestError(ValueError):
-    """A request the engine cannot run as asked (too long for the context or the cache); 400 at HTTP."""
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request (deltas), plus totals once it finishes."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    text: str
-    finished: bool
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    time_s: float  # monotonic time at which this output was produced
-    metering: RequestMetering | None = None  # set on the final output
-    error: str | None = None  # set on the final output of a request the engine failed (finish_reason "error")
-
-
-@dataclass(frozen=True)
-class RequestMetering:
-    """Per-request timings (seconds, engine clock) and attributed energy, reported when it ends."""
-
-    arrival_s: float
-    queue_s: float | None  # arrival -> first scheduled
-    ttft_s: float | None  # arrival -> first token
-    tpot_s: float | None  # (last token - first token) / (tokens - 1)
-    itl_p50_s: float | None
-    itl_p99_s: float | None
-    itl_max_s: float | None
-    e2e_s: float  # arrival -> end
-    joules: float
-    device_s: float
-    num_preemptions: int
 
 
 def resolve_dtype(config: EngineConfig) -> torch.dtype:

@@ -15,10 +15,7 @@ from dataclasses import dataclass
 
 from tokenfab.engine.block_manager import BlockManager
 from tokenfab.engine.sequence import Sequence, Status
-from tokenfab.engine.step_model import StepTimeModel
-
-
-SPEED_HEADROOM = 0.85
+from tokenfab.step_model import SPEED_HEADROOM, StepTimeModel
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokenfab.economics.tiers import Tier, TierTable
-from tokenfab.engine.scheduler import SPEED_HEADROOM
-from tokenfab.engine.step_model import StepTimeModel
+from tokenfab.step_model import SPEED_HEADROOM, StepTimeModel
 
 
 # Predictions and running means estimate a typical wait; the SLO bounds the 95th percentile, so admit

@@ -34,13 +34,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tokenfab.backends.base import Backend
 from tokenfab.config import Settings, legacy_ledger_hint
 from tokenfab.economics.cost import request_cost_usd
 from tokenfab.economics.tiers import Tier
-from tokenfab.engine.async_engine import AsyncEngine
-from tokenfab.engine.llm_engine import RequestError, RequestOutput
-from tokenfab.engine.scheduler import TierClass
-from tokenfab.engine.sampling import ParamError, SamplingParams
+from tokenfab.generation import ParamError, RequestError, RequestOutput, SamplingParams
 from tokenfab.ledger.keeper import LeaseKeeper, Progress
 from tokenfab.ledger.store import Ledger, Principal, UsageRecord
 from tokenfab.meter.metrics import FactoryMetrics
@@ -90,23 +88,24 @@ def charge_usd(tier: Tier, prompt_tokens: int, completion_tokens: int) -> float:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, engine: AsyncEngine, ledger: Ledger, metrics: FactoryMetrics,
-                 energy_source: str) -> None:
+    def __init__(self, settings: Settings, backend: Backend, ledger: Ledger, metrics: FactoryMetrics) -> None:
         self.settings = settings
-        self.engine = engine
+        self.backend = backend
         self.ledger = ledger
         self.metrics = metrics
-        self.energy_source = energy_source
+        self.energy_source = backend.energy.source
         self.tiers = settings.tiers
-        core = engine.engine
-        self.admission = Admission(settings.tiers, core.step_model, core.config.max_num_batched_tokens,
+        if backend.step_model is None or backend.tokenizer is None:
+            raise ValueError("the gateway needs a backend with a local tokenizer and a step-time model "
+                             f"(the embedded engine); {type(backend).__name__} has "
+                             f"{'no tokenizer' if backend.tokenizer is None else 'no step model'}")
+        self.admission = Admission(settings.tiers, backend.step_model, backend.max_num_batched_tokens,
                                    settings.admission.tier_queue_limit, settings.admission.admission_slack,
                                    enabled=settings.admission.tier_scheduling)
-        self.tokenizer = core.tokenizer
-        self.loaded = core.loaded
-        self.model_name = settings.server.served_model_name or core.loaded.name
+        self.tokenizer = backend.tokenizer
+        self.model_name = settings.server.served_model_name or backend.info.name
         self.created = int(time.time())
-        self.max_model_len = core.max_model_len
+        self.max_model_len = backend.info.max_model_len
         self.max_token_bytes = self.tokenizer.max_token_bytes
         self.max_body_bytes = settings.server.max_body_bytes or auto_body_bytes(self.max_model_len,
                                                                                  self.max_token_bytes)
@@ -230,16 +229,16 @@ class Gateway:
                     param: str, prefix: str) -> Ctx:
         tier = self.tier_of(principal)
         try:
-            self.engine.engine.check_request(len(prompt_ids), params)
+            self.backend.check_request(len(prompt_ids), params)
         except RequestError as exc:
             self.metrics.rejections.labels(tier.name, "too_long").inc()
             raise APIError(400, str(exc), param=param, code="context_length_exceeded") from None
-        core = self.engine.engine
-        limit = self.settings.server.max_waiting + core.config.max_num_seqs
+        limit = self.settings.server.max_waiting + self.backend.max_num_seqs
         in_flight = self.admission.total_in_flight
         if in_flight >= limit:
+            step_ms = self.backend.load().step_ewma_ms or 0.0
             raise self._reject(tier.name, "overloaded", f"server overloaded: {in_flight} requests "
-                               f"in flight (limit {limit})", max(1, round(self.engine.step_ewma_s * 64)))
+                               f"in flight (limit {limit})", max(1, round(step_ms * 64 / 1000)))
         # checked and counted in one step: no other request can be judged between the two
         rej = self.admission.admit(tier, len(prompt_ids))
         if rej is not None:
@@ -390,7 +389,7 @@ class Gateway:
                   stream: bool, include_usage: bool, fmt: type[_Format]) -> Response:
         rid = ctx.rid
         priority = ctx.tier.rank if self.settings.admission.tier_scheduling else 0
-        agen = self._metered(ctx, self.engine.generate(prompt_ids, params, rid, priority))
+        agen = self._metered(ctx, self.backend.generate(prompt_ids, params, rid, priority))
         f = fmt(rid, self.model_name)
         if stream:
             return StreamingResponse(self._sse(agen, f, include_usage), media_type="text/event-stream",
@@ -425,18 +424,14 @@ class Gateway:
 
     # --- routes --------------------------------------------------------------------------------
     async def health(self, request: Request) -> JSONResponse:
-        core = self.engine.engine
+        load = self.backend.load()
         return JSONResponse({
-            "status": "ok", "model": self.model_name, "synthetic": self.loaded.synthetic,
-            "kernels": core.kernel_info(),
-            "running": len(core.scheduler.running), "waiting": len(core.scheduler.waiting),
-            "in_flight": self.engine.num_in_flight, "admitted": self.admission.total_in_flight,
-            "kv_cache_usage": round(core.block_manager.usage(), 4),
-            "steps": self.engine.num_steps, "step_ewma_ms": round(self.engine.step_ewma_s * 1000, 3),
-            "step_model": {"a_ms": round(core.step_model.a_s * 1000, 3),
-                           "per_decode_ms": round(core.step_model.b_dec_s * 1000, 4),
-                           "per_prefill_token_ms": round(core.step_model.b_pre_s * 1000, 4),
-                           "budget_scale": round(core.scheduler.budget_scale, 3)},
+            "status": "ok", "model": self.model_name, "synthetic": self.backend.info.synthetic,
+            "backend": type(self.backend).__name__,
+            "running": load.running, "waiting": load.waiting, "in_flight": load.in_flight,
+            "admitted": self.admission.total_in_flight, "kv_cache_usage": round(load.kv_cache_usage, 4),
+            "steps": load.steps, "step_ewma_ms": None if load.step_ewma_ms is None else round(load.step_ewma_ms, 3),
+            **self.backend.health(),
             "admission": {"ttft_bias": {k: round(v, 3) for k, v in self.admission.ttft_bias.items()},
                           "queued": dict(self.admission.queued), "in_flight": dict(self.admission.in_flight),
                           "max_queued": dict(self.admission.max_queued),
@@ -446,12 +441,11 @@ class Gateway:
         })
 
     def _model_card(self) -> dict[str, Any]:
-        core = self.engine.engine
+        info = self.backend.info
         return {
             "id": self.model_name, "object": "model", "created": self.created, "owned_by": "tokenfab",
-            "synthetic": self.loaded.synthetic, "source": self.loaded.source,
-            "quantization": self.loaded.quantization, "dtype": str(core.dtype).replace("torch.", ""),
-            "max_model_len": self.max_model_len,
+            "synthetic": info.synthetic, "source": info.source, "quantization": info.quantization,
+            "dtype": info.dtype, "max_model_len": self.max_model_len,
         }
 
     async def prometheus(self, request: Request) -> Response:
@@ -511,7 +505,7 @@ class Gateway:
         else:
             if len(prompt) + max_tokens > self.max_model_len:
                 raise self._too_long(f"{len(prompt)} prompt tokens + max_tokens {max_tokens} were requested", "prompt")
-            vocab = self.engine.engine.vocab_limit
+            vocab = self.backend.vocab_size
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise APIError(400, f"prompt token ids must be in [0, {vocab}); got {str(bad[0])[:40]}", param="prompt")
@@ -670,12 +664,12 @@ def _lower_priority() -> None:
         pass
 
 
-def _lifespan(engine: AsyncEngine, gw: Gateway) -> Any:
+def _lifespan(backend: Backend, gw: Gateway) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gw.start()
         yield
-        engine.shutdown()
+        backend.shutdown()
         gw.close()
 
     return lifespan
@@ -702,10 +696,9 @@ ROUTES = ("GET /v1/models, GET /v1/models/{model}, POST /v1/completions, POST /v
           "GET /v1/usage, GET /health, GET /metrics, GET /openapi.json")
 
 
-def build_app(settings: Settings, engine: AsyncEngine, ledger: Ledger, metrics: FactoryMetrics | None = None,
-              energy_source: str = "none") -> Starlette:
-    metrics = metrics or FactoryMetrics(energy_source, False)
-    gw = Gateway(settings, engine, ledger, metrics, energy_source)
+def build_app(settings: Settings, backend: Backend, ledger: Ledger, metrics: FactoryMetrics | None = None) -> Starlette:
+    metrics = metrics or FactoryMetrics(backend.energy.source, backend.energy.measured)
+    gw = Gateway(settings, backend, ledger, metrics)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -725,15 +718,9 @@ def build_app(settings: Settings, engine: AsyncEngine, ledger: Ledger, metrics: 
         Route("/v1/completions", _guarded(gw.completions), methods=["POST"]),
         Route("/v1/chat/completions", _guarded(gw.chat), methods=["POST"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: on_http_error}, lifespan=_lifespan(engine, gw))
+    app = Starlette(routes=routes, exception_handlers={HTTPException: on_http_error}, lifespan=_lifespan(backend, gw))
     app.state.gateway = gw
     return app
-
-
-def tier_policy(settings: Settings) -> tuple[TierClass, ...] | None:
-    if not settings.admission.tier_scheduling:
-        return None
-    return tuple(TierClass(t.name, t.guaranteed_share, t.max_share, t.slo.min_tok_s_user) for t in settings.tiers)
 
 
 def open_ledger(settings: Settings) -> Ledger:
@@ -750,18 +737,21 @@ def open_ledger(settings: Settings) -> Ledger:
     return ledger
 
 
-def create_server(settings: Settings, loaded: Any = None) -> tuple[Starlette, AsyncEngine, Ledger]:
-    """Everything `tokenfab serve` runs: energy source, engine (tier policy), ledger (recovered), metrics, app."""
-    from tokenfab.engine.llm_engine import LLMEngine
+def create_server(settings: Settings, loaded: Any = None) -> tuple[Starlette, Backend, Ledger]:
+    """Everything `tokenfab serve` runs: the ledger (recovered), the embedded backend (energy source,
+    tier policy), metrics, the app. `loaded`: an already loaded model (tests share one)."""
+    try:
+        from tokenfab.backends.embedded import EmbeddedBackend
+    except ImportError as exc:  # a gateway-only install
+        raise ValueError(f"the embedded engine needs PyTorch ({exc}): pip install 'tokenfab[engine]'") from None
     from tokenfab.meter.energy import detect
 
     mc = settings.meter
     energy = detect(mc.energy_source, mc.cpu_watts_per_core, mc.idle_watts)
     ledger = open_ledger(settings)
-    core = LLMEngine(settings.engine, loaded=loaded, energy=energy, policy=tier_policy(settings))
-    engine = AsyncEngine(core)
-    metrics = FactoryMetrics(energy.name, energy.measured)
-    app = build_app(settings, engine, ledger, metrics, energy.name)
+    tiers = settings.tiers if settings.admission.tier_scheduling else None
+    backend = EmbeddedBackend(settings.engine, tiers, energy, loaded, settings.server.served_model_name)
+    app = build_app(settings, backend, ledger, FactoryMetrics(energy.name, energy.measured))
     log.info("energy: %s (%s); ledger: %s (this server: %s)", energy.name,
              "measured" if energy.measured else "modelled", ledger.url, ledger.owner)
-    return app, engine, ledger
+    return app, backend, ledger

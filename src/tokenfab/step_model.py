@@ -1,14 +1,19 @@
 """A live model of step time: step_s ~= a + b_dec x decodes + b_pre x prefill tokens, fitted online.
 
 Exponentially weighted least squares over recent steps (decode rows cost more per token than
-prefill rows: each reads its own KV and they batch less efficiently). The scheduler uses it to fit a
-step into the time that keeps the fastest tier with work at its tok/s per user; admission uses it to
-predict TTFT. It starts from priors and follows the machine.
+prefill rows: each reads its own KV and they batch less efficiently). The embedded engine's scheduler
+uses it to fit a step into the time that keeps the fastest tier with work at its tok/s per user; the
+gateway's admission gets the same instance from the backend, to predict TTFT. It starts from priors
+and follows the machine. Pure (NumPy only), so the gateway can hold one without the engine.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+# Steps are sized for a tier's tok/s per user divided by this (15% headroom for sampling, streaming
+# and a CPU shared with the HTTP side), by the scheduler and by admission alike.
+SPEED_HEADROOM = 0.85
 
 
 class StepTimeModel:

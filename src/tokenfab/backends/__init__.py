@@ -1,0 +1,1 @@
+"""Engines behind the gateway: the Backend interface (base) and its implementations."""
