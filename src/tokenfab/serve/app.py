@@ -12,12 +12,10 @@ While requests run, a keeper thread checkpoints what each has delivered (see led
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import concurrent.futures as cf
 import contextlib
 import functools
-import json
 import logging
 import math
 import os
@@ -44,6 +42,7 @@ from tokenfab.ledger.store import Ledger, Principal, UsageRecord
 from tokenfab.meter.metrics import FactoryMetrics
 from tokenfab.serve.admission import Admission
 from tokenfab.serve.body import parse_json, read_body, validate
+from tokenfab.serve.formats import ChatFormat, CompletionFormat, Format, sse_event
 from tokenfab.serve.openapi import openapi_document
 from tokenfab.serve.protocol import APIError, ChatRequest, CompletionRequest
 
@@ -386,7 +385,7 @@ class Gateway:
                 self._end(ctx, rec)
 
     async def run(self, request: Request, prompt_ids: list[int], params: SamplingParams, ctx: Ctx,
-                  stream: bool, include_usage: bool, fmt: type[_Format]) -> Response:
+                  stream: bool, include_usage: bool, fmt: type[Format]) -> Response:
         rid = ctx.rid
         priority = ctx.tier.rank if self.settings.admission.tier_scheduling else 0
         agen = self._metered(ctx, self.backend.generate(prompt_ids, params, rid, priority))
@@ -403,20 +402,20 @@ class Gateway:
         text, last = result
         return JSONResponse(f.full(text, last), headers={"X-Request-Id": rid})
 
-    async def _sse(self, agen: AsyncIterator[RequestOutput], f: _Format, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _sse(self, agen: AsyncIterator[RequestOutput], f: Format, include_usage: bool) -> AsyncIterator[bytes]:
         last: RequestOutput | None = None
         try:
-            yield _sse(f.first())
+            yield sse_event(f.first())
             async for out in agen:
                 last = out
                 if out.text or out.finished:
-                    yield _sse(f.chunk(out.text, out.finish_reason if out.finished else None))
+                    yield sse_event(f.chunk(out.text, out.finish_reason if out.finished else None))
             if include_usage and last is not None:
-                yield _sse(f.usage_chunk(last))
+                yield sse_event(f.usage_chunk(last))
         except Exception as exc:  # noqa: BLE001 - report in-band; the HTTP status is already sent
             if not isinstance(exc, GenerationFailed):
                 log.exception("stream %s failed", f.rid)
-            yield _sse({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
+            yield sse_event({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
                                   "code": "generation_failed"}})
         finally:
             await agen.aclose()
@@ -512,7 +511,7 @@ class Gateway:
             ids = list(prompt)
         if not ids:
             raise APIError(400, "the prompt is empty: give at least one token of input", param="prompt")
-        return await self.serve(request, principal, req, ids, params, "prompt", "cmpl-", _CompletionFormat)
+        return await self.serve(request, principal, req, ids, params, "prompt", "cmpl-", CompletionFormat)
 
     async def chat(self, request: Request) -> Response:
         request.state.received_s = time.monotonic()
@@ -532,86 +531,13 @@ class Gateway:
                            param="messages") from None
         max_tokens = limit if limit is not None else max(1, self.max_model_len - len(ids))
         params = self.sampling(req, max_tokens)
-        return await self.serve(request, principal, req, ids, params, "messages", "chatcmpl-", _ChatFormat)
+        return await self.serve(request, principal, req, ids, params, "messages", "chatcmpl-", ChatFormat)
 
     async def serve(self, request: Request, principal: Principal, req: CompletionRequest | ChatRequest,
-                    ids: list[int], params: SamplingParams, param: str, prefix: str, fmt: type[_Format]) -> Response:
+                    ids: list[int], params: SamplingParams, param: str, prefix: str, fmt: type[Format]) -> Response:
         ctx = await self.admit(request, principal, ids, params, param, prefix)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await self.run(request, ids, params, ctx, req.stream, include_usage, fmt)
-
-
-# --- response shapes ------------------------------------------------------------------------------
-def _usage(o: RequestOutput) -> dict[str, Any]:
-    return {
-        "prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
-        "total_tokens": o.prompt_tokens + o.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": o.cached_tokens},
-    }
-
-
-class _Format(abc.ABC):
-    object_full = ""
-    object_chunk = ""
-
-    def __init__(self, rid: str, model: str) -> None:
-        self.rid, self.model, self.created = rid, model, int(time.time())
-
-    def _base(self, obj: str) -> dict[str, Any]:
-        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model}
-
-    def usage_chunk(self, last: RequestOutput) -> dict[str, Any]:
-        return {**self._base(self.object_chunk), "choices": [], "usage": _usage(last)}
-
-    @abc.abstractmethod
-    def first(self) -> dict[str, Any]: ...
-
-    @abc.abstractmethod
-    def chunk(self, text: str, finish: str | None) -> dict[str, Any]: ...
-
-    @abc.abstractmethod
-    def full(self, text: str, last: RequestOutput) -> dict[str, Any]: ...
-
-
-class _CompletionFormat(_Format):
-    object_full = object_chunk = "text_completion"
-
-    def first(self) -> dict[str, Any]:
-        return self.chunk("", None)
-
-    def chunk(self, text: str, finish: str | None) -> dict[str, Any]:
-        return {**self._base(self.object_chunk),
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-
-    def full(self, text: str, last: RequestOutput) -> dict[str, Any]:
-        return {**self._base(self.object_full),
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}],
-                "usage": _usage(last)}
-
-
-class _ChatFormat(_Format):
-    object_full = "chat.completion"
-    object_chunk = "chat.completion.chunk"
-
-    def first(self) -> dict[str, Any]:
-        return {**self._base(self.object_chunk),
-                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}]}
-
-    def chunk(self, text: str, finish: str | None) -> dict[str, Any]:
-        delta = {"content": text} if text else {}
-        return {**self._base(self.object_chunk),
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-
-    def full(self, text: str, last: RequestOutput) -> dict[str, Any]:
-        return {**self._base(self.object_full),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": last.finish_reason}],
-                "usage": _usage(last)}
-
-
-def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
 async def _collect(agen: AsyncIterator[RequestOutput]) -> tuple[str, RequestOutput]:
