@@ -359,22 +359,17 @@ class Gateway:
         try:
             async for out in agen:
                 self._mark_started(ctx, first_token=True)
-                if out.finished and out.error is not None:
-                    status, error = "failed", out.error
-                    rec = self._record(ctx, out, status, error)
-                    await self._on(self._db, self.ledger.settle, rec)
-                    done = True
-                    self._end(ctx, rec)
-                    raise GenerationFailed(out.error)
-                ctx.delivered += len(out.token_ids)
+                if out.error is None:
+                    ctx.delivered += len(out.token_ids)
                 if out.finished:
-                    rec = self._record(ctx, out, "completed", None)
+                    failed = out.error is not None
+                    rec = self._record(ctx, out, "failed" if failed else "completed", out.error)
                     await self._on(self._db, self.ledger.settle, rec)
                     done = True
                     self._end(ctx, rec)
+                    if failed:
+                        raise GenerationFailed(out.error)
                 yield out
-        except GenerationFailed:
-            raise
         except Exception as exc:
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             raise
