@@ -29,7 +29,7 @@ from engine import free_port, wait_ready  # benchmarks/engine.py, beside this fi
 from tokenfab.bench.load import Endpoint, LoadSpec, run_load_sync
 from tokenfab.bench.metrics import summarize
 from tokenfab.bench.workload import WorkloadSpec, build
-from tokenfab.engine.tokenizer import load_tokenizer
+from tokenfab.tokenizer import load_tokenizer
 from tokenfab.ledger.store import Ledger
 
 MODEL = "smollm2-135m-instruct"

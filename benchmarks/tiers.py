@@ -27,7 +27,7 @@ from engine import free_port, wait_ready  # benchmarks/engine.py, beside this fi
 from tokenfab.bench.load import Endpoint, LoadSpec, run_load_sync
 from tokenfab.bench.metrics import SLOSpec, summarize
 from tokenfab.bench.workload import WorkloadSpec, build
-from tokenfab.engine.tokenizer import load_tokenizer
+from tokenfab.tokenizer import load_tokenizer
 from tokenfab.ledger.store import Ledger
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from tokenfab.engine.config import SMOLLM2_135M, EngineConfig, ModelArgs
-from tokenfab.engine.tokenizer import TextTokenizer, from_gguf_fields, synthetic_tokenizer
+from tokenfab.tokenizer import TextTokenizer, from_gguf_fields, synthetic_tokenizer
 
 log = logging.getLogger("tokenfab.engine")
 
