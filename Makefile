@@ -20,8 +20,9 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/tokenfab serve $(ARGS)
 
+# llama.cpp's server, a real third-party engine the fleet tests route to: built once per machine (~5-8 min)
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	TOKENFAB_LLAMA_SERVER=$$(PYTHON=$(PY) ./scripts/llama-server.sh) $(PY) -m pytest $(PYTEST_ARGS)
 
 bench-engine: $(STAMP)
 	$(PY) benchmarks/engine.py $(ARGS)

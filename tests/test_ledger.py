@@ -131,13 +131,14 @@ def test_a_version_2_database_migrates_in_place(tmp_path):
     with led.engine.begin() as conn:  # back to the version-2 layout, with a reservation an old server left
         for col in ("owner", "lease_expires_at", "delivered_tokens", "delivered_usd"):
             conn.execute(text(f"ALTER TABLE reservations DROP COLUMN {col}"))
+        conn.execute(text("ALTER TABLE usage DROP COLUMN backend"))
         conn.execute(text("UPDATE schema_version SET version = 2"))
         conn.execute(text("INSERT INTO reservations (request_id, tenant, tier, model, amount_usd, prompt_tokens, "
                           "created_at) VALUES ('old-1', 'old', 'free', 'm', 1.5, 6, 0)"))
         conn.execute(text("UPDATE tenants SET reserved_usd = 1.5 WHERE name = 'old'"))
     led.close()
     led = Ledger(url)
-    assert led.version == 3
+    assert led.version == 4
     assert led.recover() == 1  # no lease: left by a server that predates leases
     assert [(r["status"], r["prompt_tokens"]) for r in led.usage_records("old")] == [("aborted", 6)]
     assert led.tenant("old")["reserved_usd"] == pytest.approx(0.0)

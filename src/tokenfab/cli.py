@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server on the embedded engine")
     serve.add_argument("--config", default=None, help="path to tokenfab.yaml (default ./tokenfab.yaml if present)")
     _add_setting_flags(serve)
+    worker = sub.add_parser("worker", help="run the embedded engine as a worker process for a gateway to route to")
+    worker.add_argument("--config", default=None, help="path to tokenfab.yaml (its engine and tiers are used)")
+    _add_setting_flags(worker)
     _add_bench(sub)
     keys = sub.add_parser("keys", help="create, list and revoke API keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
@@ -175,6 +178,7 @@ def _settings(ns: argparse.Namespace) -> Settings:
 def cmd_serve(ns: argparse.Namespace) -> int:
     settings = _settings(ns)
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per backend request and scrape otherwise
     import uvicorn
 
     from tokenfab.serve.app import create_server
@@ -211,6 +215,50 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+def cmd_worker(ns: argparse.Namespace) -> int:
+    settings = _settings(ns)
+    logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per backend request and scrape otherwise
+    import uvicorn
+
+    try:
+        from tokenfab.backends.embedded import EmbeddedBackend
+    except ImportError as exc:
+        raise UsageError(f"tokenfab worker: the engine needs PyTorch ({exc}): pip install 'tokenfab[engine]'") from None
+    from tokenfab.meter.energy import detect
+    from tokenfab.worker import build_worker_app
+
+    mc = settings.meter
+    energy = detect(mc.energy_source, mc.cpu_watts_per_core, mc.idle_watts)
+    tiers = settings.tiers if settings.admission.tier_scheduling else None
+    try:
+        backend = EmbeddedBackend(settings.engine, tiers, energy, served_name=settings.server.served_model_name)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(f"tokenfab worker: {exc}") from None
+    app = build_worker_app(backend, settings.server.served_model_name)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
+                                           log_level="warning"))
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        finally:
+            backend.shutdown()
+
+    def on_signal(signum: int, frame: object) -> None:
+        server.should_exit = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    http = threading.Thread(target=serve_http, name="tokenfab-http")
+    http.start()
+    print(f"tokenfab worker: {app.state.worker.model_name} on http://{settings.server.host}:{settings.server.port}/v1",
+          flush=True)
+    backend.run()
+    http.join()
+    return 0 if server.started else 1
+
+
 def cmd_bench(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -236,7 +284,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     from tokenfab.bench.metrics import SLOSpec
     from tokenfab.bench.run import BenchConfig, console_table, run
     from tokenfab.bench.workload import LengthDist, WorkloadError, WorkloadSpec
-    from tokenfab.engine.tokenizer import load_tokenizer
+    from tokenfab.tokenizer import load_tokenizer
 
     url = ns.url.rstrip("/")
     keys = {"": ns.api_key} if ns.api_key else {}
@@ -569,7 +617,7 @@ def _int_or_none(v: object) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     try:
         ns = build_parser().parse_args(argv)
-        return {"serve": cmd_serve, "bench": cmd_bench, "keys": cmd_keys, "usage": cmd_usage, "curve": cmd_curve,
+        return {"serve": cmd_serve, "worker": cmd_worker, "bench": cmd_bench, "keys": cmd_keys, "usage": cmd_usage, "curve": cmd_curve,
                 "plan": cmd_plan, "claims": cmd_claims, "calibrate": cmd_calibrate}[ns.command](ns)
     except (UsageError, ConfigError) as exc:
         print(str(exc).splitlines()[0] if str(exc) else "usage error", file=sys.stderr)

@@ -90,17 +90,105 @@ class AdmissionConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """A single pool from flags alone (`pools:` in the YAML holds several); no backends and no workers: embedded."""
+
+    backends: str = ""  # comma-separated OpenAI base URLs (http://host:port/v1) of servers to route to
+    workers: int = 0  # local `tokenfab worker` processes the gateway starts and routes to (0: none)
+    worker_threads: int = 1  # engine threads per local worker (one each: several engines share the cores)
+    backend_kind: str = "auto"  # auto (the server's model card says) | tokenfab | vllm | sglang | llamacpp | openai
+    upstream_model: str = ""  # the model's name at the backends ("" = the first each lists)
+    tokenizer: str = ""  # the model's tokenizer for the gateway (.gguf, tokenizer.json; "" = the engine's model's)
+    route_policy: str = "prefix+load"  # round-robin | least-loaded | prefix | prefix+load
+    prefix_block_tokens: int = 16  # tokens per hashed block of the router's prefix index
+    prefix_index_blocks: int = 65536  # per backend, at most (and at most its KV cache, when it says)
+    metrics_interval_s: float = 0.1  # how often each backend's /metrics is read (0: never; observed load only)
+    health_interval_s: float = 1.0  # how often each backend's /health is checked
+    backend_idle_watts: float = 0.0  # the power model of each backend's device: idle draw (not attributed)
+    backend_busy_watts: float = 0.0  # ... and draw while serving, split across its requests (0: no energy model)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One named pool of the `pools:` list: backends that serve one model, the tiers they take, their power."""
+
+    name: str
+    backends: tuple[str, ...] = ()
+    workers: int = 0
+    kind: str = "auto"
+    model: str = ""
+    tiers: tuple[str, ...] = ()  # () takes every tier
+    trust: str = "external"  # local: inside the factory's walls; external: someone else's server
+    idle_watts: float = 0.0
+    busy_watts: float = 0.0
+
+
+POOL_KEYS = {f.name for f in dataclasses.fields(PoolConfig)}
+
+
+def pools_from_list(data: Any, where: str, tiers: TierTable) -> tuple[PoolConfig, ...]:
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"{where}: expected a non-empty list of pools (name, backends or workers, ...)")
+    pools = []
+    for i, item in enumerate(data):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"{at}: each pool is a mapping with a name")
+        unknown = set(item) - POOL_KEYS
+        if unknown:
+            raise ConfigError(f"{at}: unknown key {sorted(unknown)[0]!r} (keys: {', '.join(sorted(POOL_KEYS))})")
+        backends = item.get("backends") or []
+        if isinstance(backends, str):
+            backends = [b for b in backends.split(",") if b.strip()]
+        pool_tiers = tuple(item.get("tiers") or ())
+        for t in pool_tiers:
+            if t not in tiers.names:
+                raise ConfigError(f"{at}: tier {t!r} is not a tier ({', '.join(tiers.names)})")
+        try:
+            pool = PoolConfig(
+                name=str(item["name"]), backends=tuple(str(b).strip() for b in backends),
+                workers=int(item.get("workers", 0)), kind=str(item.get("kind", "auto")), model=str(item.get("model", "")),
+                tiers=pool_tiers, trust=str(item.get("trust", "external")),
+                idle_watts=float(item.get("idle_watts", 0.0)), busy_watts=float(item.get("busy_watts", 0.0)))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{at}: {exc}") from None
+        if not pool.backends and pool.workers < 1:
+            raise ConfigError(f"{at}: pool {pool.name!r} has no backends and no workers")
+        if pool.trust not in ("local", "external"):
+            raise ConfigError(f"{at}: trust must be local or external, got {pool.trust!r}")
+        pools.append(pool)
+    names = [p.name for p in pools]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: pool names must be unique")
+    return tuple(pools)
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     meter: MeterConfig = field(default_factory=MeterConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     tiers: TierTable = field(default_factory=default_tiers)
+    pools: tuple[PoolConfig, ...] = ()
+
+    def fleet_pools(self) -> tuple[PoolConfig, ...]:
+        """The pools to route to: the `pools:` list, or one pool from the fleet flags; () = the embedded engine."""
+        if self.pools:
+            return self.pools
+        f = self.fleet
+        urls = tuple(u.strip() for u in f.backends.split(",") if u.strip())
+        if not urls and f.workers < 1:
+            return ()
+        trust = "local" if f.workers and not urls else "external"
+        return (PoolConfig("default", urls, f.workers, f.backend_kind, f.upstream_model, (), trust,
+                           f.backend_idle_watts, f.backend_busy_watts),)
 
 
 SECTIONS = {"server": ServerConfig, "engine": EngineConfig, "ledger": LedgerConfig, "meter": MeterConfig,
-            "admission": AdmissionConfig}
+            "admission": AdmissionConfig, "fleet": FleetConfig}
 
 
 RENAMED = {"int8_max_tokens": "small_batch_max_tokens"}  # old key -> new key, for a clear error
@@ -154,6 +242,7 @@ def load_settings(path: str | None = None, cli: dict[str, Any] | None = None, en
     keys = all_keys()
     values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     tiers = default_tiers()
+    pools_data = None
     file = path or env.get("TOKENFAB_CONFIG")
     if file is None and Path("tokenfab.yaml").is_file():
         file = "tokenfab.yaml"
@@ -172,11 +261,12 @@ def load_settings(path: str | None = None, cli: dict[str, Any] | None = None, en
                 tiers = tiers_from_list(data["tiers"], f"{file}: tiers")
             except TierError as exc:
                 raise ConfigError(str(exc)) from None
+        pools_data = data.get("pools")
         for section, body in data.items():
-            if section == "tiers":
+            if section in ("tiers", "pools"):
                 continue
             if section not in SECTIONS:
-                raise ConfigError(f"{file}: unknown section {section!r} (sections: {', '.join([*SECTIONS, 'tiers'])})")
+                raise ConfigError(f"{file}: unknown section {section!r} (sections: {', '.join([*SECTIONS, 'tiers', 'pools'])})")
             if not isinstance(body, dict):
                 raise ConfigError(f"{file}: section {section!r} must be a mapping")
             for k, v in body.items():
@@ -196,11 +286,21 @@ def load_settings(path: str | None = None, cli: dict[str, Any] | None = None, en
             raise ConfigError(f"unknown setting --{k.replace('_', '-')}")
         section, f = keys[k]
         values[section][k] = _convert("--" + k.replace("_", "-"), v, f.type)
-    settings = Settings(**{name: cls(**values[name]) for name, cls in SECTIONS.items()}, tiers=tiers)
+    pools = pools_from_list(pools_data, f"{file}: pools", tiers) if pools_data is not None else ()
+    settings = Settings(**{name: cls(**values[name]) for name, cls in SECTIONS.items()}, tiers=tiers, pools=pools)
     lc = settings.ledger
     if lc.checkpoint_interval_s <= 0 or lc.reservation_lease_s < 3 * lc.checkpoint_interval_s:
         raise ConfigError(f"reservation_lease_s ({lc.reservation_lease_s:g}) must be at least 3 x checkpoint_interval_s "
                           f"({lc.checkpoint_interval_s:g} s, > 0): a live server renews its leases at every checkpoint")
+    fc = settings.fleet
+    from tokenfab.fleet.router import POLICIES  # pure
+
+    if fc.route_policy not in POLICIES:
+        raise ConfigError(f"route_policy {fc.route_policy!r} is not one of {', '.join(POLICIES)}")
+    if fc.prefix_block_tokens < 1 or fc.prefix_index_blocks < 1 or fc.workers < 0 or fc.worker_threads < 1:
+        raise ConfigError("prefix_block_tokens and prefix_index_blocks must be >= 1, workers >= 0, worker_threads >= 1")
+    if fc.health_interval_s <= 0 or fc.metrics_interval_s < 0:
+        raise ConfigError("health_interval_s must be > 0 and metrics_interval_s >= 0")
     anon = settings.ledger.anonymous_tier
     if anon and anon not in tiers.names:
         raise ConfigError(f"anonymous_tier {anon!r} is not a tier ({', '.join(tiers.names)}); use \"\" to require keys")

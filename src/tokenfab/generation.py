@@ -93,6 +93,7 @@ class RequestOutput:
     time_s: float  # monotonic time at which this output was produced
     metering: RequestMetering | None = None  # set on the final output
     error: str | None = None  # set on the final output of a request the engine failed (finish_reason "error")
+    served_by: str | None = None  # set on the final output by a router: the backend that made the tokens
 
 
 @dataclass(frozen=True)
@@ -110,3 +111,4 @@ class RequestMetering:
     joules: float
     device_s: float
     num_preemptions: int
+    energy_source: str | None = None  # where `joules` came from, when a backend's own (None: the server's source)

@@ -55,6 +55,9 @@ class LoadSnapshot:
     steps: int = 0
     step_ewma_ms: float | None = None
     prefix_cache_hit_rate: float | None = None
+    ttft_ewma_ms: float | None = None  # recent time to first token, as the gateway saw it
+    tpot_ewma_ms: float | None = None  # recent time per output token after the first
+    metrics_age_s: float | None = None  # how old the scraped numbers are (None: not scraped, known first-hand)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -64,6 +67,25 @@ class EnergyInfo:
 
     source: str = "none"
     measured: bool = False
+
+
+class BackendError(RuntimeError):
+    """A backend failed a request. `retryable`: the backend (not the request) is at fault, so another
+    backend may serve it; `started`: output had already reached the caller (never retried then)."""
+
+    def __init__(self, message: str, retryable: bool, started: bool = False, status: int = 502) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.started = started
+        self.status = status
+
+
+class NoBackendAvailable(RuntimeError):
+    """No backend can take the request now (all down or ejected); a 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class PromptTokenizer(Protocol):
@@ -78,8 +100,10 @@ class PromptTokenizer(Protocol):
 
 
 class Backend(abc.ABC):
-    """One engine behind the gateway. Lifecycle: `start()` (or `run()` on the calling thread), `shutdown()`."""
+    """One engine behind the gateway. Lifecycle: `start()` (or `run()` on the calling thread), `shutdown()`;
+    inside the server's event loop, `open()` once it runs and `aclose()` before it stops."""
 
+    name: str = "embedded"
     info: ModelInfo
     capabilities: Capabilities
     energy: EnergyInfo = EnergyInfo()
@@ -88,14 +112,19 @@ class Backend(abc.ABC):
     max_num_seqs: int = 1
     max_num_batched_tokens: int = 1
     vocab_size: int = 0  # prompt token ids must be below this (0: unknown)
+    kv_cache_tokens: int = 0  # KV-cache capacity in tokens (0: unknown); a router sizes its prefix index by it
 
     def __init__(self) -> None:
         self._stopped = threading.Event()
+        self.healthy = True
+        self.last_error: str | None = None
 
     @abc.abstractmethod
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                 priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Stream one request's outputs; closing the iterator early aborts the request."""
+                 priority: int = 0, tier: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs; closing the iterator early aborts the request. `priority`: lower
+        runs first (the tier's rank); `tier`: the tier's name, for backends that route by it. Raises
+        `BackendError` for a failure of the backend's own."""
 
     @abc.abstractmethod
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
@@ -107,6 +136,17 @@ class Backend(abc.ABC):
     def health(self) -> dict[str, Any]:
         """Backend-specific details for /health (kernels, step model, ...)."""
         return {}
+
+    def mark_failed(self, error: str) -> None:
+        """Passive health: a request found this backend broken; it takes no new requests until a check passes."""
+        self.healthy = False
+        self.last_error = error
+
+    async def open(self) -> None:
+        """Start any work of the backend's own in the server's event loop (load polling, health checks)."""
+
+    async def aclose(self) -> None:
+        """Stop what `open` started."""
 
     def start(self) -> None:
         """Start serving on threads of the backend's own."""

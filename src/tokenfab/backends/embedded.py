@@ -47,9 +47,10 @@ class EmbeddedBackend(Backend):
         self.max_num_seqs = core.config.max_num_seqs
         self.max_num_batched_tokens = core.config.max_num_batched_tokens
         self.vocab_size = core.vocab_limit
+        self.kv_cache_tokens = core.block_manager.num_blocks * core.config.block_size
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                 priority: int = 0) -> AsyncIterator[RequestOutput]:
+                 priority: int = 0, tier: str | None = None) -> AsyncIterator[RequestOutput]:
         return self.engine.generate(prompt_ids, params, request_id, priority)
 
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:

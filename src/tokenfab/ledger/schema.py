@@ -82,6 +82,7 @@ usage = Table(
     Column("device_s", Float, nullable=True),
     Column("cost_usd", Float, nullable=True),
     Column("price_usd", Float, nullable=False, default=0.0),
+    Column("backend", String(200), nullable=True),  # which engine made the tokens (a fleet's member name)
     UniqueConstraint("request_id", name="uq_usage_request_id"),
 )
 
@@ -104,7 +105,13 @@ def _v3(conn: Connection) -> None:
             conn.execute(text(f"ALTER TABLE reservations ADD COLUMN {name} {ddl}"))
 
 
-MIGRATIONS = [(1, _v1), (2, _v2), (3, _v3)]
+def _v4(conn: Connection) -> None:
+    """Usage records say which backend served them."""
+    if "backend" not in {c["name"] for c in inspect(conn).get_columns("usage")}:
+        conn.execute(text("ALTER TABLE usage ADD COLUMN backend VARCHAR(200)"))
+
+
+MIGRATIONS = [(1, _v1), (2, _v2), (3, _v3), (4, _v4)]
 
 
 def migrate(conn: Connection) -> int:

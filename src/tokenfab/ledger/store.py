@@ -74,6 +74,7 @@ class UsageRecord:
     device_s: float | None = None
     cost_usd: float | None = None
     price_usd: float = 0.0
+    backend: str | None = None  # the engine that served it (None: not routed, e.g. refused)
 
 
 def _insert(conn: Connection):  # type: ignore[no-untyped-def]

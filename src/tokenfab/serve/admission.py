@@ -2,8 +2,10 @@
 
 Runs on the event loop (no locks). It tracks, per tier, requests admitted but not yet streaming
 (`queued`, with their prompt tokens) and all admitted requests (`in_flight`), and predicts a new
-request's TTFT from the engine's live step-time model: the prompt tokens ahead of it (its tier and
-faster ones) are processed at the per-step prefill capacity left after decodes.
+request's TTFT from the engine's live step-time model where the backend has one: the prompt tokens
+ahead of it (its tier and faster ones) are processed at the per-step prefill capacity left after
+decodes. Over a backend without one (a fleet, an external server) it judges from what it observes:
+each tier's recent time to first token and tok/s per user, and how fast its queue drains.
 
 `admit` checks and counts in one synchronous call, so a burst of simultaneous requests is judged
 one after another against counts that include each other; a request that fails after admission
@@ -36,7 +38,7 @@ class Rejection:
 
 
 class Admission:
-    def __init__(self, tiers: TierTable, step_model: StepTimeModel, max_batched_tokens: int, queue_limit: int,
+    def __init__(self, tiers: TierTable, step_model: StepTimeModel | None, max_batched_tokens: int, queue_limit: int,
                  slack: float = 1.0, enabled: bool = True) -> None:
         self.tiers = tiers
         self.model = step_model
@@ -68,6 +70,7 @@ class Admission:
         stream costs one decode per token at its tier's pace (the scheduler paces slower tiers).
         """
         m = self.model
+        assert m is not None, "predictions need a step-time model"
         running = {t.name: self.in_flight[t.name] - self.queued[t.name] for t in self.tiers}
         active = [t for t in self.tiers if self.in_flight[t.name] > 0] + [tier]
         fastest = max(t.slo.min_tok_s_user for t in active) / SPEED_HEADROOM
@@ -105,6 +108,7 @@ class Admission:
         never with less than this tier's own guarantee less its own decodes.
         """
         m = self.model
+        assert m is not None, "predictions need a step-time model"
         budget_s, steps_per_s, capacity, decode_load = self._load(tier)
         mine = self._faster_or_equal(tier)
         reserved = self._reserved_share(tier) * capacity
@@ -121,10 +125,13 @@ class Admission:
         if not self.enabled:
             return None
         running = self.in_flight[tier.name] - self.queued[tier.name]
-        _, _, capacity, decode_load = self._load(tier)
-        if self.queued[tier.name] == 0 and decode_load(tier) < tier.guaranteed_share * capacity:
-            return None  # a tier using less than its guaranteed share with nothing waiting gets the next slot
-        need, room = self.decode_demand(tier)
+        if self.model is not None:
+            _, _, capacity, decode_load = self._load(tier)
+            if self.queued[tier.name] == 0 and decode_load(tier) < tier.guaranteed_share * capacity:
+                return None  # a tier using less than its guaranteed share with nothing waiting gets the next slot
+            need, room = self.decode_demand(tier)
+        else:
+            need, room = 0.0, 1.0
         if need > room and running > 0:
             return Rejection("speed_slo", f"tier '{tier.name}' cannot hold {tier.slo.min_tok_s_user:g} tok/s per user "
                              f"with one more stream: its decodes and faster tiers' would need {need:.0%} of the "
@@ -146,6 +153,8 @@ class Admission:
             return Rejection("ttft_slo", f"tier '{tier.name}' has {self.queued_tokens[tier.name]} prompt tokens "
                              f"queued, ~{drain:.1f}s of work at its recent rate (SLO {limit_s:g}s)",
                              self._retry(tier, drain))
+        if self.model is None:
+            return None
         raw = self.predict_ttft_s(tier, prompt_tokens)
         self.last_prediction_s = raw
         ttft = raw * self.ttft_bias[tier.name]
@@ -176,8 +185,12 @@ class Admission:
         return (self.queued_tokens[tier] + prompt_tokens) / (started / span)
 
     def _retry(self, tier: Tier, predicted_s: float | None = None) -> int:
-        wait = predicted_s - tier.slo.max_ttft_p95_ms / 1000 if predicted_s else self.model.step_s(
-            sum(self.in_flight.values())) * max(1, self.queued[tier.name])
+        if predicted_s:
+            wait = predicted_s - tier.slo.max_ttft_p95_ms / 1000
+        elif self.model is not None:
+            wait = self.model.step_s(sum(self.in_flight.values())) * max(1, self.queued[tier.name])
+        else:
+            wait = self.ttft_ewma_s[tier.name]
         return max(1, math.ceil(wait))
 
     # --- bookkeeping ---------------------------------------------------------------------------

@@ -32,16 +32,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tokenfab.backends.base import Backend
+from tokenfab.backends.base import Backend, BackendError, NoBackendAvailable
 from tokenfab.config import Settings, legacy_ledger_hint
 from tokenfab.economics.cost import request_cost_usd
 from tokenfab.economics.tiers import Tier
-from tokenfab.generation import ParamError, RequestError, RequestOutput, SamplingParams
+from tokenfab.generation import RequestError, RequestOutput, SamplingParams
 from tokenfab.ledger.keeper import LeaseKeeper, Progress
 from tokenfab.ledger.store import Ledger, Principal, UsageRecord
 from tokenfab.meter.metrics import FactoryMetrics
 from tokenfab.serve.admission import Admission
-from tokenfab.serve.body import parse_json, read_body, validate
+from tokenfab.serve.body import parse_json, read_body, until_disconnect, validate
 from tokenfab.serve.formats import ChatFormat, CompletionFormat, Format, sse_event
 from tokenfab.serve.openapi import openapi_document
 from tokenfab.serve.protocol import APIError, ChatRequest, CompletionRequest
@@ -75,6 +75,7 @@ class Ctx:
     predicted_ttft_s: float | None = None  # admission's raw prediction, to learn its bias from
     received_s: float | None = None  # when the server began reading the request (monotonic)
     delivered: int = 0  # completion tokens handed to the client so far
+    backend: str | None = None  # where it was sent, once known
 
     def price_so_far_usd(self) -> float:
         return charge_usd(self.tier, self.prompt_tokens, self.delivered)
@@ -94,10 +95,9 @@ class Gateway:
         self.metrics = metrics
         self.energy_source = backend.energy.source
         self.tiers = settings.tiers
-        if backend.step_model is None or backend.tokenizer is None:
-            raise ValueError("the gateway needs a backend with a local tokenizer and a step-time model "
-                             f"(the embedded engine); {type(backend).__name__} has "
-                             f"{'no tokenizer' if backend.tokenizer is None else 'no step model'}")
+        if backend.tokenizer is None:
+            raise ValueError(f"the gateway needs the model's tokenizer; {type(backend).__name__} {backend.name} "
+                             "has none (give one with --tokenizer)")
         self.admission = Admission(settings.tiers, backend.step_model, backend.max_num_batched_tokens,
                                    settings.admission.tier_queue_limit, settings.admission.admission_slack,
                                    enabled=settings.admission.tier_scheduling)
@@ -172,14 +172,7 @@ class Gateway:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         if max_tokens >= self.max_model_len:
             raise self._too_long(f"max_tokens is {max_tokens}", "max_tokens")
-        try:
-            return SamplingParams(
-                max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                seed=req.seed, stop=req.stop_list(), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-                frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
-            )
-        except ParamError as exc:
-            raise APIError(400, str(exc), param=exc.param) from None
+        return req.sampling_params(max_tokens)
 
     def _too_long(self, what: str, param: str) -> APIError:
         return APIError(400, f"this model's maximum context length is {self.max_model_len} tokens and {what}; "
@@ -286,6 +279,8 @@ class Gateway:
         mc = self.settings.meter
         cost = request_cost_usd(m.joules, m.device_s, mc.electricity_usd_per_kwh, mc.pue,
                                 mc.capex_usd_per_hour) if m else None
+        source = (m.energy_source or self.energy_source) if m else None
+        joules = m.joules if m and source != "none" else None
         # timings run from when the server received the request: parsing, tokenising, auth, admission
         # and the budget reservation happen before the engine's own clock starts, and a user waits
         # through them too
@@ -299,9 +294,9 @@ class Gateway:
             queue_ms=ms(m.queue_s) if m else None, ttft_ms=ms(m.ttft_s) if m else None,
             tpot_ms=dur(m.tpot_s) if m else None, itl_p50_ms=dur(m.itl_p50_s) if m else None,
             itl_p99_ms=dur(m.itl_p99_s) if m else None, itl_max_ms=dur(m.itl_max_s) if m else None,
-            e2e_ms=ms(m.e2e_s) if m else None, joules=m.joules if m else None,
-            energy_source=self.energy_source if m else None, device_s=m.device_s if m else None,
-            cost_usd=cost, price_usd=price,
+            e2e_ms=ms(m.e2e_s) if m else None, joules=joules,
+            energy_source=source, device_s=m.device_s if m else None,
+            cost_usd=cost, price_usd=price, backend=(last.served_by or self.backend.name) if last else ctx.backend,
         )
 
     def _observe(self, rec: UsageRecord) -> None:
@@ -360,7 +355,7 @@ class Gateway:
             async for out in agen:
                 self._mark_started(ctx, first_token=True)
                 if out.error is None:
-                    ctx.delivered += len(out.token_ids)
+                    ctx.delivered = max(ctx.delivered, out.completion_tokens)
                 if out.finished:
                     failed = out.error is not None
                     rec = self._record(ctx, out, "failed" if failed else "completed", out.error)
@@ -381,34 +376,53 @@ class Gateway:
 
     async def run(self, request: Request, prompt_ids: list[int], params: SamplingParams, ctx: Ctx,
                   stream: bool, include_usage: bool, fmt: type[Format]) -> Response:
+        """Stream or collect the backend's outputs. The first output is awaited before any header is sent,
+        so that a request no backend could start gets a real status (503, 502, ...), not a 200 with an
+        error inside, and a fleet can retry it elsewhere unseen."""
         rid = ctx.rid
         priority = ctx.tier.rank if self.settings.admission.tier_scheduling else 0
-        agen = self._metered(ctx, self.backend.generate(prompt_ids, params, rid, priority))
+        agen = self._metered(ctx, self.backend.generate(prompt_ids, params, rid, priority, ctx.tier.name))
         f = fmt(rid, self.model_name)
+        try:
+            first = await until_disconnect(request, _first_output(agen))
+        except NoBackendAvailable as exc:
+            raise APIError(503, f"{exc}; retry later", type_="server_error", code="no_backend_available",
+                           headers={"Retry-After": str(exc.retry_after_s)}) from None
+        except BackendError as exc:
+            status = exc.status if 400 <= exc.status < 500 and not exc.retryable else 502
+            raise APIError(status, f"the backend could not serve this request: {exc}",
+                           type_="invalid_request_error" if status < 500 else "server_error",
+                           code="backend_error") from None
+        except GenerationFailed as exc:
+            raise APIError(500, f"generation failed: {exc}", type_="server_error", code="generation_failed") from None
+        if first is None:  # client went away; the sequence was aborted
+            await agen.aclose()
+            return Response(status_code=499)
         if stream:
-            return StreamingResponse(self._sse(agen, f, include_usage), media_type="text/event-stream",
+            return StreamingResponse(self._sse(agen, f, include_usage, first), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
         try:
-            result = await _until_disconnect(request, _collect(agen))
-        except GenerationFailed as exc:
+            result = await until_disconnect(request, _collect(agen, first))
+        except (GenerationFailed, BackendError) as exc:
             raise APIError(500, f"generation failed: {exc}", type_="server_error", code="generation_failed") from None
         if result is None:  # client went away; the sequence was aborted
             return Response(status_code=499)
         text, last = result
         return JSONResponse(f.full(text, last), headers={"X-Request-Id": rid})
 
-    async def _sse(self, agen: AsyncIterator[RequestOutput], f: Format, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _sse(self, agen: AsyncIterator[RequestOutput], f: Format, include_usage: bool,
+                   first: RequestOutput) -> AsyncIterator[bytes]:
         last: RequestOutput | None = None
         try:
             yield sse_event(f.first())
-            async for out in agen:
+            async for out in _prepend(first, agen):
                 last = out
                 if out.text or out.finished:
                     yield sse_event(f.chunk(out.text, out.finish_reason if out.finished else None))
             if include_usage and last is not None:
                 yield sse_event(f.usage_chunk(last))
         except Exception as exc:  # noqa: BLE001 - report in-band; the HTTP status is already sent
-            if not isinstance(exc, GenerationFailed):
+            if not isinstance(exc, (GenerationFailed, BackendError)):
                 log.exception("stream %s failed", f.rid)
             yield sse_event({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
                                   "code": "generation_failed"}})
@@ -535,37 +549,27 @@ class Gateway:
         return await self.run(request, ids, params, ctx, req.stream, include_usage, fmt)
 
 
-async def _collect(agen: AsyncIterator[RequestOutput]) -> tuple[str, RequestOutput]:
+async def _first_output(agen: AsyncIterator[RequestOutput]) -> RequestOutput:
+    try:
+        return await agen.__anext__()
+    except StopAsyncIteration:
+        raise GenerationFailed("the backend ended the request without any output") from None
+
+
+async def _prepend(first: RequestOutput, agen: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    yield first
+    async for out in agen:
+        yield out
+
+
+async def _collect(agen: AsyncIterator[RequestOutput], first: RequestOutput) -> tuple[str, RequestOutput]:
     parts: list[str] = []
     last = None
-    async for out in agen:
+    async for out in _prepend(first, agen):
         parts.append(out.text)
         last = out
     assert last is not None
     return "".join(parts), last
-
-
-async def _until_disconnect(request: Request, coro: Any) -> Any:
-    """Await `coro`, or cancel it (aborting the sequence) if the client disconnects first."""
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    work = asyncio.ensure_future(coro)
-    watch = asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if work in done:
-        return work.result()
-    work.cancel()
-    try:
-        await work
-    except asyncio.CancelledError:
-        pass
-    return None
 
 
 def auto_body_bytes(max_model_len: int, max_token_bytes: int) -> int:
@@ -588,10 +592,14 @@ def _lower_priority() -> None:
 def _lifespan(backend: Backend, gw: Gateway) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await backend.open()
         gw.start()
-        yield
-        backend.shutdown()
-        gw.close()
+        try:
+            yield
+        finally:
+            await backend.aclose()
+            backend.shutdown()
+            gw.close()
 
     return lifespan
 
@@ -659,12 +667,22 @@ def open_ledger(settings: Settings) -> Ledger:
 
 
 def create_server(settings: Settings, loaded: Any = None) -> tuple[Starlette, Backend, Ledger]:
-    """Everything `tokenfab serve` runs: the ledger (recovered), the embedded backend (energy source,
-    tier policy), metrics, the app. `loaded`: an already loaded model (tests share one)."""
+    """Everything `tokenfab serve` runs: the ledger (recovered), the backend (the embedded engine, with its
+    energy source and tier policy; or a fleet of pools), metrics, the app. `loaded`: an already loaded
+    model (tests share one)."""
+    if settings.fleet_pools():
+        from tokenfab.fleet.build import build_fleet
+
+        ledger = open_ledger(settings)
+        backend: Backend = build_fleet(settings)
+        app = build_app(settings, backend, ledger, FactoryMetrics(backend.energy.source, backend.energy.measured))
+        log.info("fleet: %s; ledger: %s (this server: %s)", backend.info.source, ledger.url, ledger.owner)
+        return app, backend, ledger
     try:
         from tokenfab.backends.embedded import EmbeddedBackend
     except ImportError as exc:  # a gateway-only install
-        raise ValueError(f"the embedded engine needs PyTorch ({exc}): pip install 'tokenfab[engine]'") from None
+        raise ValueError(f"the embedded engine needs PyTorch ({exc}): pip install 'tokenfab[engine]'; "
+                         "or route to other engines with --backends URL or --workers N") from None
     from tokenfab.meter.energy import detect
 
     mc = settings.meter

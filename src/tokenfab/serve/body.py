@@ -8,6 +8,7 @@ what was wrong; none of them can reach the handler as an exception.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, TypeVar
 
@@ -103,3 +104,26 @@ def validate(value: Any, model_cls: type[_Model]) -> _Model:
         return model_cls.model_validate(value)
     except ValidationError as exc:
         raise validation_error(exc) from None
+
+
+async def until_disconnect(request: Request, coro: Any) -> Any:
+    """Await `coro`, or cancel it (aborting the sequence) if the client disconnects first."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(coro)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    try:
+        await work
+    except asyncio.CancelledError:
+        pass
+    return None

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tokenfab.generation import ParamError, SamplingParams
+
 
 class APIError(Exception):
     """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
@@ -59,6 +61,17 @@ class _Common(BaseModel):
         if any(s == "" for s in stops):
             raise APIError(400, "stop sequences must not be empty strings", param="stop")
         return stops
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """The request's sampling fields as engine values; a value out of range is a 400 naming its field."""
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                seed=self.seed, stop=self.stop_list(), ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+            )
+        except ParamError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
 
 
 class CompletionRequest(_Common):
