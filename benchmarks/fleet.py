@@ -6,13 +6,15 @@ questions, open-loop Poisson arrivals at `--rate` requests/s for `--duration` se
 seeded schedule for every policy. Two `tokenfab worker` replicas (one engine thread each) hold
 KV caches sized (`--kv-blocks`) so that one replica holds about half of the customers' contexts:
 round-robin sends every context everywhere, so they evict each other and each request prefills
-its whole context; prefix routing keeps each context on one replica. The workers are restarted
-for every policy, so each starts with a cold cache; the gateway is `tokenfab serve --backends`.
+its whole context; prefix routing keeps each context on one replica. Two scenarios: `uniform`
+(contexts picked evenly) and `skewed` (one context gets `--hot-share` of the requests, where
+affinity alone piles onto one replica). The workers are restarted for every policy, so each starts
+with a cold cache; the gateway is `tokenfab serve --backends`.
 
 Reports per policy: TTFT p50/p90 (client-side, streamed), output tok/s, prefix-cache hit rate (cached
 over prompt tokens, from usage), success rate, and how many requests each replica served.
 
-    python benchmarks/fleet.py [--rate 2] [--duration 40] [--out benchmarks/results/fleet-DATE.json]
+    python benchmarks/fleet.py [--rate 4] [--duration 60] [--out benchmarks/results/fleet-DATE.json]
 """
 
 from __future__ import annotations
@@ -52,15 +54,18 @@ def contexts(n: int, words: int, seed: int) -> list[str]:
     return out
 
 
-def schedule(rate: float, duration: float, customers: int, users: int, seed: int) -> list[tuple[float, int, int]]:
-    """(send time, customer, user) for each request: Poisson arrivals, a customer picked uniformly."""
+def schedule(rate: float, duration: float, customers: int, users: int, seed: int,
+             hot_share: float = 0.0) -> list[tuple[float, int, int]]:
+    """(send time, customer, user) for each request: Poisson arrivals; customer 0 gets `hot_share` of them
+    (a skewed load), the rest are picked uniformly."""
     rng = random.Random(seed)
     t, out = 0.0, []
     while True:
         t += rng.expovariate(rate)
         if t > duration:
             return out
-        out.append((t, rng.randrange(customers), rng.randrange(users)))
+        c = 0 if rng.random() < hot_share else rng.randrange(customers)
+        out.append((t, c, rng.randrange(users)))
 
 
 async def one(client: httpx.AsyncClient, url: str, system: str, question: str, max_tokens: int) -> dict:
@@ -166,40 +171,49 @@ def run_policy(policy: str, args: argparse.Namespace, plan: list, ctxs: list[str
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rate", type=float, default=2.0, help="offered requests/s (the same for every policy)")
-    ap.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per policy")
-    ap.add_argument("--customers", type=int, default=6, help="shared contexts")
+    ap.add_argument("--rate", type=float, default=4.0, help="offered requests/s (the same for every policy)")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per policy")
+    ap.add_argument("--customers", type=int, default=8, help="shared contexts")
     ap.add_argument("--users", type=int, default=5, help="users per context")
-    ap.add_argument("--prefix-words", type=int, default=110, help="words of notes per context (~5 tokens per 2 words)")
+    ap.add_argument("--prefix-words", type=int, default=700, help="words of notes per context (about a token each)")
     ap.add_argument("--output-tokens", type=int, default=24)
-    ap.add_argument("--kv-blocks", type=int, default=72, help="KV blocks of 16 tokens per worker")
+    ap.add_argument("--kv-blocks", type=int, default=220, help="KV blocks of 16 tokens per worker")
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--scenarios", default="uniform,skewed",
+                    help="uniform: customers picked evenly; skewed: customer 0 gets --hot-share of the requests")
+    ap.add_argument("--hot-share", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     ctxs = contexts(args.customers, args.prefix_words, args.seed)
-    plan = schedule(args.rate, args.duration, args.customers, args.users, args.seed)
     from tokenfab.tokenizer import load_tokenizer
 
     tok = load_tokenizer(None)
     ctx_tokens = [len(tok.encode_chat([{"role": "system", "content": c}])) for c in ctxs]
-    print(f"{len(plan)} requests at {args.rate}/s over {args.duration:g} s; {args.customers} contexts of "
-          f"{min(ctx_tokens)}-{max(ctx_tokens)} tokens ({sum(ctx_tokens)} in all); each worker's KV cache holds "
-          f"{args.kv_blocks * 16} tokens", flush=True)
     out: dict = {"machine": _machine(), "date": dt.date.today().isoformat(), "command": " ".join(sys.argv),
-                 "workload": {**vars(args), "requests": len(plan), "context_tokens": ctx_tokens}, "policies": {}}
+                 "workload": {**vars(args), "context_tokens": ctx_tokens}, "scenarios": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for policy in args.policies.split(","):
-            res = run_policy(policy, args, plan, ctxs, Path(tmp))
-            out["policies"][policy] = res
-            print(f"{policy:>13}: TTFT p50 {res['ttft_p50_s']:.2f} s, p90 {res['ttft_p90_s']:.2f} s; "
-                  f"{res['output_tok_s']:.1f} output tok/s; cache hits {res['cache_hit_rate']:.0%}; "
-                  f"success {res['success_rate']:.0%}; routed {res['routed']}", flush=True)
-    p = out["policies"]
-    if "round-robin" in p and "prefix+load" in p and p["prefix+load"]["ttft_p90_s"]:
-        out["ttft_p90_ratio_rr_over_prefix_load"] = p["round-robin"]["ttft_p90_s"] / p["prefix+load"]["ttft_p90_s"]
-        print(f"TTFT p90: round-robin / prefix+load = {out['ttft_p90_ratio_rr_over_prefix_load']:.1f}x")
+        for scenario in args.scenarios.split(","):
+            hot = args.hot_share if scenario == "skewed" else 0.0
+            plan = schedule(args.rate, args.duration, args.customers, args.users, args.seed, hot)
+            print(f"{scenario}: {len(plan)} requests at {args.rate}/s over {args.duration:g} s"
+                  f"{f' ({hot:.0%} on one context)' if hot else ''}; {args.customers} contexts of "
+                  f"{min(ctx_tokens)}-{max(ctx_tokens)} tokens ({sum(ctx_tokens)} in all); each worker's KV cache "
+                  f"holds {args.kv_blocks * 16} tokens", flush=True)
+            res_s: dict = {"requests": len(plan), "hot_share": hot, "policies": {}}
+            for policy in args.policies.split(","):
+                res = run_policy(policy, args, plan, ctxs, Path(tmp))
+                res_s["policies"][policy] = res
+                print(f"{policy:>13}: TTFT p50 {res['ttft_p50_s']:.2f} s, p90 {res['ttft_p90_s']:.2f} s; "
+                      f"{res['output_tok_s']:.1f} output tok/s; cache hits {res['cache_hit_rate']:.0%}; "
+                      f"success {res['success_rate']:.0%}; routed {res['routed']}", flush=True)
+            p = res_s["policies"]
+            if "round-robin" in p and "prefix+load" in p and p["prefix+load"]["ttft_p90_s"]:
+                res_s["ttft_p90_ratio_rr_over_prefix_load"] = p["round-robin"]["ttft_p90_s"] / p["prefix+load"]["ttft_p90_s"]
+                print(f"TTFT p90: round-robin / prefix+load = {res_s['ttft_p90_ratio_rr_over_prefix_load']:.1f}x",
+                      flush=True)
+            out["scenarios"][scenario] = res_s
     dest = Path(args.out or ROOT / "benchmarks" / "results" / f"fleet-{out['date']}.json")
     dest.write_text(json.dumps(out, indent=1))
     print(f"wrote {dest}")
