@@ -34,6 +34,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "scripted"
+LITELLM: set[str] = set()  # URLs that take the master key
 
 
 # --- the scripted backend -------------------------------------------------------------------------
@@ -91,10 +92,14 @@ def serve_backend(port: int, tokens: int) -> None:
 
 
 # --- the client -----------------------------------------------------------------------------------
+MASTER_KEY = "sk-benchmark-only-not-a-secret"  # LiteLLM refuses to start without one (checked in memory)
+
+
 async def _one(session: aiohttp.ClientSession, url: str, stream: bool, tokens: int) -> float:
     body = {"model": MODEL, "prompt": "hello there", "max_tokens": tokens, "stream": stream}
     t = time.perf_counter()
-    async with session.post(url + "/v1/completions", json=body) as r:
+    async with session.post(url + "/v1/completions", json=body,
+                            headers={"Authorization": f"Bearer {MASTER_KEY}"} if url in LITELLM else None) as r:
         if r.status != 200:
             raise RuntimeError(f"{url}: {r.status} {(await r.text())[:300]}")
         await r.read()
@@ -183,11 +188,13 @@ def main() -> int:
                 ll = subprocess.Popen([args.litellm, "--model", f"openai/{MODEL}", "--api_base", direct + "/v1",
                                        "--host", "127.0.0.1", "--port", str(lport), "--num_workers", "1"],
                                       stdout=open(f"{tmp}/litellm.log", "w"), stderr=subprocess.STDOUT,
-                                      env={**os.environ, "OPENAI_API_KEY": "x", "LITELLM_LOG": "ERROR"})
+                                      env={**os.environ, "OPENAI_API_KEY": "x", "LITELLM_LOG": "ERROR",
+                                           "LITELLM_MASTER_KEY": MASTER_KEY})
                 procs.append(ll)
                 os.sched_setaffinity(ll.pid, proxy_cpu)
                 wait_http(f"http://127.0.0.1:{lport}/health/liveliness", ll, timeout=300)
                 paths["litellm"] = f"http://127.0.0.1:{lport}"
+                LITELLM.add(paths["litellm"])
             results: dict = {}
             for stream in (False, True):
                 mode = "streaming" if stream else "plain"

@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def test_a_worker_killed_under_load_loses_no_request_that_had_not_started_and_co
     results: list[tuple[int, str, str | None]] = []
 
     def one(i: int) -> tuple[int, str, str | None]:
-        body = {"model": MODEL, "prompt": f"Story {i}: once upon a time", "max_tokens": 48, "temperature": 0,
+        body = {"model": MODEL, "prompt": f"Story {i}: once upon a time", "max_tokens": 160, "temperature": 0,
                 "ignore_eos": True, "stream": True}
         text, err, status = "", None, 0
         try:
@@ -165,17 +166,23 @@ def test_a_worker_killed_under_load_loses_no_request_that_had_not_started_and_co
                             err = obj["error"]["message"]
                         else:
                             text += obj["choices"][0]["text"]
+                            streaming.set()
         except httpx.HTTPError as exc:
             err = f"client: {exc}"
         return status, text, err
 
+    member = next(m for m in fleet.members if m.name == victim_name)
+    streaming = threading.Event()
     rows = gateway.ledger.usage_records("fleet-tests", None, 10_000)
     completed_before = sum(r["status"] == "completed" for r in rows)
     failed_before = sum(r["status"] == "failed" for r in rows)
     try:
         with cf.ThreadPoolExecutor(n) as pool:
             futs = [pool.submit(one, i) for i in range(n)]
-            time.sleep(1.5)  # some streams are running on both workers, others still waiting for a slot
+            deadline = time.monotonic() + 60  # kill it while it streams some and holds others in its queue
+            while not (streaming.is_set() and member.backend.in_flight >= 5) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert member.backend.in_flight >= 5
             os.kill(victim.proc.pid, signal.SIGKILL)
             victim.proc.wait()
             later = [pool.submit(one, 100 + i) for i in range(4)]  # sent after the kill
@@ -197,7 +204,6 @@ def test_a_worker_killed_under_load_loses_no_request_that_had_not_started_and_co
         workers.workers[1] = back
         workers.wait_ready(back)
         deadline = time.monotonic() + 10
-        member = next(m for m in fleet.members if m.name == victim_name)
         while not member.backend.healthy and time.monotonic() < deadline:
             time.sleep(0.1)
         assert member.backend.healthy

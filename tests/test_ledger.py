@@ -148,3 +148,34 @@ def test_a_version_2_database_migrates_in_place(tmp_path):
 def test_bad_url_is_a_clear_error():
     with pytest.raises(LedgerError, match="cannot open ledger"):
         Ledger("nosuchdb://x")
+
+
+def test_the_writer_commits_concurrent_writes_together_and_a_failing_one_alone(ledger):
+    import threading
+
+    from tokenfab.ledger.writer import LedgerWriter
+
+    tenant = f"grouped-{uuid.uuid4().hex[:6]}"
+    ledger.create_key(tenant, "free", budget_usd=100.0)
+    writer = LedgerWriter(ledger)
+    gate = threading.Event()
+    # hold the writer on a slow first write, so the next ones queue up behind it and go in one batch
+    first = writer.submit(lambda conn: "first" if gate.wait(5) else "timed out")
+    futs = [writer.submit(ledger.reserve_in, f"{tenant}-{i}", tenant, "free", "m", 1.0, 4) for i in range(20)]
+    dup = writer.submit(ledger.reserve_in, f"{tenant}-3", tenant, "free", "m", 1.0, 4)  # the same id again
+    after = writer.submit(ledger.reserve_in, f"{tenant}-after", tenant, "free", "m", 1.0, 4)
+    gate.set()
+    assert first.result(10) == "first" and all(f.result(10) is True for f in futs) and after.result(10) is True
+    with pytest.raises(Exception):  # noqa: B017 - the driver's IntegrityError, raised to its caller only
+        dup.result(10)
+    assert writer.writes == 23 and writer.batches <= 3  # 23 writes (the failed one rolled back alone), few commits
+    assert ledger.tenant(tenant)["reserved_usd"] == pytest.approx(21.0)  # 20 + after; the duplicate held nothing
+    settled = [writer.submit(ledger.settle_in, UsageRecord(request_id=f"{tenant}-{i}", tenant=tenant, tier="free",
+                                                            model="m", status="completed", completion_tokens=5,
+                                                            price_usd=0.5)) for i in range(20)]
+    assert all(f.result(10) for f in settled)
+    writer.shutdown()
+    t = ledger.tenant(tenant)
+    assert t["spent_usd"] == pytest.approx(10.0) and t["reserved_usd"] == pytest.approx(1.0)
+    with pytest.raises(RuntimeError, match="shut down"):
+        writer.submit(ledger.reserve_in, "late", tenant, "free", "m", 1.0, 4)

@@ -110,3 +110,18 @@ def test_pools_in_the_config_file(tmp_path):
             load_settings(str(bad), env={})
     with pytest.raises(ConfigError, match="route_policy"):
         load_settings(None, {"route_policy": "fastest"}, env={})
+
+
+def test_a_pool_takes_only_its_tiers_and_an_unhealthy_member_takes_nothing():
+    from tokenfab.fleet.fleet import FleetBackend
+
+    gpu, cpu, down = LoadedBackend("gpu/a"), LoadedBackend("cpu/a"), LoadedBackend("cpu/b")
+    down.mark_failed("GET /health answered 503")
+    fleet = FleetBackend([Member(gpu, "gpu", PrefixIndex(10), frozenset({"premium"})),
+                          Member(cpu, "cpu", PrefixIndex(10)), Member(down, "cpu", PrefixIndex(10))],
+                         Router(), tokenizer=object(), model="m", max_model_len=100)
+    assert [m.name for m in fleet.candidates("premium")] == ["gpu/a", "cpu/a"]
+    assert [m.name for m in fleet.candidates("free")] == ["cpu/a"]
+    assert fleet.health()["fleet"]["members"][2]["healthy"] is False
+    with pytest.raises(ValueError, match="unique"):
+        FleetBackend([Member(gpu, "x", PrefixIndex(1)), Member(gpu, "y", PrefixIndex(1))], Router(), object(), "m", 1)

@@ -189,21 +189,26 @@ class Ledger:
     def reserve(self, request_id: str, tenant: str, tier: str, model: str, amount_usd: float,
                 prompt_tokens: int) -> bool:
         """Hold `amount_usd` of the tenant's budget; False (nothing held) if it would overspend."""
-        now = time.time()
         with self.engine.begin() as conn:
-            ok = conn.execute(
-                tenants.update()
-                .where(tenants.c.name == tenant,
-                       (tenants.c.budget_usd.is_(None))
-                       | (tenants.c.spent_usd + tenants.c.reserved_usd + amount_usd <= tenants.c.budget_usd))
-                .values(reserved_usd=tenants.c.reserved_usd + amount_usd)
-            ).rowcount
-            if not ok:
-                return False
-            conn.execute(reservations.insert().values(request_id=request_id, tenant=tenant, tier=tier, model=model,
-                                                      amount_usd=amount_usd, prompt_tokens=prompt_tokens,
-                                                      created_at=now, owner=self.owner,
-                                                      lease_expires_at=now + self.lease_s))
+            return self.reserve_in(conn, request_id, tenant, tier, model, amount_usd, prompt_tokens)
+
+    def reserve_in(self, conn: Connection, request_id: str, tenant: str, tier: str, model: str, amount_usd: float,
+                   prompt_tokens: int) -> bool:
+        """`reserve` inside the caller's transaction (a batch of the writer's)."""
+        now = time.time()
+        ok = conn.execute(
+            tenants.update()
+            .where(tenants.c.name == tenant,
+                   (tenants.c.budget_usd.is_(None))
+                   | (tenants.c.spent_usd + tenants.c.reserved_usd + amount_usd <= tenants.c.budget_usd))
+            .values(reserved_usd=tenants.c.reserved_usd + amount_usd)
+        ).rowcount
+        if not ok:
+            return False
+        conn.execute(reservations.insert().values(request_id=request_id, tenant=tenant, tier=tier, model=model,
+                                                  amount_usd=amount_usd, prompt_tokens=prompt_tokens,
+                                                  created_at=now, owner=self.owner,
+                                                  lease_expires_at=now + self.lease_s))
         return True
 
     def settle(self, rec: UsageRecord, only_if_reserved: bool = False) -> bool:
@@ -216,22 +221,26 @@ class Ledger:
         whether it wrote.
         """
         with self.engine.begin() as conn:
-            res = conn.execute(reservations.delete().where(reservations.c.request_id == rec.request_id)
-                               .returning(reservations.c.amount_usd)).first()
-            if res is None and only_if_reserved:
-                return False
-            held = res.amount_usd if res else 0.0
-            values = dataclasses.asdict(rec)
-            prior = self._usage_price(conn, rec.request_id)
-            if prior is None:
-                ins = _insert(conn)(usage).values(created_at=time.time(), **values)
-                if conn.execute(ins.on_conflict_do_nothing(index_elements=["request_id"])).rowcount == 0:
-                    prior = self._usage_price(conn, rec.request_id)  # a concurrent settle got there first
-            if prior is not None:
-                conn.execute(usage.update().where(usage.c.request_id == rec.request_id).values(**values))
-            charge = rec.price_usd - (prior or 0.0)
-            conn.execute(tenants.update().where(tenants.c.name == rec.tenant).values(
-                spent_usd=tenants.c.spent_usd + charge, reserved_usd=tenants.c.reserved_usd - held))
+            return self.settle_in(conn, rec, only_if_reserved)
+
+    def settle_in(self, conn: Connection, rec: UsageRecord, only_if_reserved: bool = False) -> bool:
+        """`settle` inside the caller's transaction (a batch of the writer's)."""
+        res = conn.execute(reservations.delete().where(reservations.c.request_id == rec.request_id)
+                           .returning(reservations.c.amount_usd)).first()
+        if res is None and only_if_reserved:
+            return False
+        held = res.amount_usd if res else 0.0
+        values = dataclasses.asdict(rec)
+        prior = self._usage_price(conn, rec.request_id)
+        if prior is None:
+            ins = _insert(conn)(usage).values(created_at=time.time(), **values)
+            if conn.execute(ins.on_conflict_do_nothing(index_elements=["request_id"])).rowcount == 0:
+                prior = self._usage_price(conn, rec.request_id)  # a concurrent settle got there first
+        if prior is not None:
+            conn.execute(usage.update().where(usage.c.request_id == rec.request_id).values(**values))
+        charge = rec.price_usd - (prior or 0.0)
+        conn.execute(tenants.update().where(tenants.c.name == rec.tenant).values(
+            spent_usd=tenants.c.spent_usd + charge, reserved_usd=tenants.c.reserved_usd - held))
         return True
 
     @staticmethod

@@ -39,6 +39,7 @@ from tokenfab.economics.tiers import Tier
 from tokenfab.generation import RequestError, RequestOutput, SamplingParams
 from tokenfab.ledger.keeper import LeaseKeeper, Progress
 from tokenfab.ledger.store import Ledger, Principal, UsageRecord
+from tokenfab.ledger.writer import LedgerWriter
 from tokenfab.meter.metrics import FactoryMetrics
 from tokenfab.serve.admission import Admission
 from tokenfab.serve.body import parse_json, read_body, until_disconnect, validate
@@ -50,6 +51,7 @@ log = logging.getLogger("tokenfab.serve")
 _Req = TypeVar("_Req", CompletionRequest, ChatRequest)
 USAGE_MAX_LIMIT = 10_000
 HEAVY_BODY_BYTES = 256 * 1024  # bodies from this size on are parsed one at a time ...
+INLINE_TOKENISE_CHARS = 1024  # text up to this long is tokenised on the event loop (tens of us)
 HEAVY_BODY_PAUSE_S = 0.010  # ... each followed by this long for the engine thread (a decode step or more)
 
 
@@ -112,8 +114,10 @@ class Gateway:
         # templating and tokenising (the tokenizer releases the GIL), and the ledger, each on threads of their own;
         # tokenising runs at a lower CPU priority than the engine, so a long prompt arriving slows no live stream
         self._prep = cf.ThreadPoolExecutor(2, thread_name_prefix="tokenfab-prep", initializer=_lower_priority)
-        self._db = cf.ThreadPoolExecutor(4, thread_name_prefix="tokenfab-ledger")
+        self._db = cf.ThreadPoolExecutor(4, thread_name_prefix="tokenfab-ledger")  # reads
+        self._writer = LedgerWriter(ledger)  # reservations and settlements, group-committed
         self.live: dict[str, Ctx] = {}  # admitted and not yet settled, by request id
+        self._ensured: set[str] = set()  # keyless tenants known to exist in the ledger
         self.keeper = LeaseKeeper(ledger, self.progress, settings.ledger.checkpoint_interval_s)
         self._openapi = openapi_document(self.model_name)
 
@@ -123,6 +127,7 @@ class Gateway:
     def close(self) -> None:
         """After the HTTP server has stopped: write the last settles and checkpoint, free the pools."""
         self._db.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
         self.keeper.stop()
         self._prep.shutdown(wait=False, cancel_futures=True)
 
@@ -132,6 +137,17 @@ class Gateway:
 
     async def _on(self, pool: cf.Executor, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+    async def _write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A ledger write, committed (durably) with whatever other writes are waiting (ledger/writer.py)."""
+        return await asyncio.wrap_future(self._writer.submit(fn, *args))
+
+    async def _tokenise(self, fn: Callable[[Any], list[int]], arg: Any, chars: int) -> list[int]:
+        """Short text is tokenised here, on the event loop (tens of microseconds, less than a thread hop);
+        longer text on the prep threads, at a lower priority than any engine."""
+        if chars <= INLINE_TOKENISE_CHARS:
+            return fn(arg)
+        return await self._on(self._prep, fn, arg)
 
     # --- plumbing ------------------------------------------------------------------------------
     async def read_request(self, request: Request, model_cls: type[_Req]) -> _Req:
@@ -239,9 +255,10 @@ class Gateway:
         try:
             rid = prefix + uuid.uuid4().hex
             worst = tier.price_usd(len(prompt_ids), params.max_tokens)
-            if principal.key_id is None:
+            if principal.key_id is None and principal.tenant not in self._ensured:
                 await self._on(self._db, self.ledger.ensure_tenant, principal.tenant)
-            ok = await self._on(self._db, self.ledger.reserve, rid, principal.tenant, tier.name, self.model_name,
+                self._ensured.add(principal.tenant)  # tenants are never deleted: once is enough
+            ok = await self._write(self.ledger.reserve_in, rid, principal.tenant, tier.name, self.model_name,
                                 worst, len(prompt_ids))
             if not ok:
                 raise await self._budget_error(principal, tier, len(prompt_ids), params.max_tokens, worst)
@@ -339,7 +356,7 @@ class Gateway:
                 log.error("could not write the usage record of %s: %s", rec.request_id, f.exception())
 
         try:
-            self._db.submit(self.ledger.settle, rec).add_done_callback(done)
+            self._writer.submit(self.ledger.settle_in, rec).add_done_callback(done)
         except RuntimeError:  # the pool is shut down: the server is stopping; write it here
             self.ledger.settle(rec)
 
@@ -359,7 +376,7 @@ class Gateway:
                 if out.finished:
                     failed = out.error is not None
                     rec = self._record(ctx, out, "failed" if failed else "completed", out.error)
-                    await self._on(self._db, self.ledger.settle, rec)
+                    await self._write(self.ledger.settle_in, rec)
                     done = True
                     self._end(ctx, rec)
                     if failed:
@@ -509,7 +526,7 @@ class Gateway:
         params = self.sampling(req, max_tokens)
         if isinstance(prompt, str):
             self.bound_text([prompt], max_tokens, "prompt")
-            ids = await self._on(self._prep, self.tokenizer.encode, prompt)
+            ids = await self._tokenise(self.tokenizer.encode, prompt, len(prompt))
         else:
             if len(prompt) + max_tokens > self.max_model_len:
                 raise self._too_long(f"{len(prompt)} prompt tokens + max_tokens {max_tokens} were requested", "prompt")
@@ -534,7 +551,7 @@ class Gateway:
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         self.bound_text([m["content"] for m in messages], limit, "messages")
         try:
-            ids = await self._on(self._prep, self.tokenizer.encode_chat, messages)
+            ids = await self._tokenise(self.tokenizer.encode_chat, messages, sum(len(m["content"]) for m in messages))
         except Exception as exc:  # noqa: BLE001 - template errors are the caller's message shape
             raise APIError(400, f"messages cannot be formatted with the model's chat template: {exc}",
                            param="messages") from None
