@@ -149,6 +149,25 @@ def wait_http(url: str, proc: subprocess.Popen | None, timeout: float = 120) -> 
     raise RuntimeError(f"{url} was not ready in {timeout:.0f} s")
 
 
+def ledger_write_ms(folder: str, n: int = 300) -> dict:
+    """The two durable ledger writes a request makes (reservation, usage record), timed alone, one at a time."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from tokenfab.ledger.store import Ledger, UsageRecord
+
+    led = Ledger(f"sqlite:///{folder}/alone.db")
+    led.ensure_tenant("anonymous")
+    t0 = time.perf_counter()
+    for i in range(n):
+        led.reserve(f"r{i}", "anonymous", "free", MODEL, 0.0, 8)
+    t1 = time.perf_counter()
+    for i in range(n):
+        led.settle(UsageRecord(request_id=f"r{i}", tenant="anonymous", tier="free", model=MODEL, status="completed",
+                               prompt_tokens=8, completion_tokens=16))
+    t2 = time.perf_counter()
+    led.close()
+    return {"reserve_ms": (t1 - t0) / n * 1000, "settle_ms": (t2 - t1) / n * 1000}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=16)
@@ -206,6 +225,9 @@ def main() -> int:
                     r["added_p99_ms"] = r["p99_ms"] - base["p99_ms"]
                     print(f"{mode:>9} {name:>8}: p50 {r['p50_ms']:.2f} ms (+{r['added_p50_ms']:.2f}), "
                           f"p99 {r['p99_ms']:.2f} ms (+{r['added_p99_ms']:.2f}), {r['rps']:.0f} req/s", flush=True)
+            results["ledger_alone"] = ledger_write_ms(tmp)
+            print(f"ledger writes alone: reserve {results['ledger_alone']['reserve_ms']:.2f} ms, "
+                  f"settle {results['ledger_alone']['settle_ms']:.2f} ms", flush=True)
         finally:
             for p in procs:
                 p.terminate()

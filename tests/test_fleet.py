@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -301,3 +302,35 @@ def record_of(gw: LiveServer, tenant: str, rid: str) -> dict:
             return rows[0]
         time.sleep(0.05)
     raise AssertionError(f"no usage record for {rid}")
+
+
+def test_serve_with_workers_starts_routes_to_and_stops_its_own_workers(tmp_path):
+    port = free_port()
+    env = {**os.environ, "TOKENFAB_LEDGER_URL": f"sqlite:///{tmp_path / 'l.db'}", "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "tokenfab.cli", "serve", "--port", str(port), "--workers", "2",
+                             "--max-model-len", "1024", "--kv-cache-gb", "0.1", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.3)
+        members = httpx.get(url + "/health").json()["fleet"]["members"]
+        assert len(members) == 2 and all(m["healthy"] and m["kind"] == "tokenfab" for m in members)
+        worker_ports = [int(m["url"].rsplit(":", 1)[1].split("/")[0]) for m in members]
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 16,
+            "temperature": 0})
+        assert r.status_code == 200 and "4" in r.json()["choices"][0]["message"]["content"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    for p in worker_ports:  # the gateway stopped the workers it started
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{p}/health", timeout=1)
