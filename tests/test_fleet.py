@@ -334,3 +334,38 @@ def test_serve_with_workers_starts_routes_to_and_stops_its_own_workers(tmp_path)
     for p in worker_ports:  # the gateway stopped the workers it started
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{p}/health", timeout=1)
+
+
+def test_without_a_tokenizer_prompts_pass_through_as_text_and_usage_counts_them(llama_server, workers, tmp_path):
+    """`--tokenizer none`: the backends template and tokenise (what fronting someone's vLLM with a model
+    the gateway has no files for looks like); routing hashes the text, the ledger takes the backend's counts."""
+    urls = [llama_server, workers.workers[0].url]
+    settings = fleet_settings(urls, tmp_path / "l.db", tokenizer="none", upstream_model="")
+    s = LiveServer(settings, None)
+    try:
+        key = s.ledger.create_key("text", "standard")[1]
+        assert s.backend.tokenizer is None and s.app.state.gateway.tokenizer is None
+        client = OpenAI(base_url=s.base_url + "/v1", api_key=key)
+        model = client.models.list().data[0].id
+        system = "You answer in one short sentence. " * 8
+        served = set()
+        for i in range(3):  # one long shared system prompt: the same backend each time
+            r = client.chat.completions.create(model=model, max_tokens=12, temperature=0, messages=[
+                {"role": "system", "content": system}, {"role": "user", "content": f"What is {i}+2?"}])
+            rec = record_of(s, "text", r.id)
+            assert r.choices[0].message.content and rec["prompt_tokens"] == r.usage.prompt_tokens > 40
+            served.add(rec["backend"])
+        assert len(served) == 1
+        stream = client.chat.completions.create(model=model, temperature=0, stream=True,  # no max_tokens: theirs
+                                                stream_options={"include_usage": True},
+                                                messages=[{"role": "user", "content": "Name three colors."}])
+        chunks = list(stream)
+        assert "Red" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[-1].usage.completion_tokens > 0
+        c = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=6, temperature=0)
+        assert "5" in c.choices[0].text and record_of(s, "text", c.id)["prompt_tokens"] == c.usage.prompt_tokens
+        too_long = httpx.post(s.base_url + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                              json={"model": model, "prompt": "word " * 3000, "max_tokens": 8})
+        assert too_long.status_code == 400  # the backend's own refusal, passed on as the client's error
+    finally:
+        s.stop()

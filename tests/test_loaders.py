@@ -64,6 +64,12 @@ def test_hf_folder_loads_same_function_as_engine_weights(tmp_path):
     assert hf.tokenizer.encode("abc def") == prompt
     assert hf.generate([prompt], GREEDY) == base.generate([prompt], GREEDY)
     assert "<|im_start|>assistant" in hf.tokenizer.apply_chat_template([{"role": "user", "content": "x"}])
+    # the gateway in front of other engines loads the same tokenizer from the folder alone, chat template included
+    from tokenfab.tokenizer import load_tokenizer
+
+    alone = load_tokenizer(str(tmp_path))
+    chat = [{"role": "user", "content": "x"}]
+    assert alone.encode_chat(chat) == hf.tokenizer.encode_chat(chat) and alone.eos_token_ids == hf.tokenizer.eos_token_ids
 
 
 def test_llama3_rope_scaling_changes_low_frequencies_only():

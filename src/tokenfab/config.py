@@ -98,7 +98,8 @@ class FleetConfig:
     worker_threads: int = 1  # engine threads per local worker (one each: several engines share the cores)
     backend_kind: str = "auto"  # auto (the server's model card says) | tokenfab | vllm | sglang | llamacpp | openai
     upstream_model: str = ""  # the model's name at the backends ("" = the first each lists)
-    tokenizer: str = ""  # the model's tokenizer for the gateway (.gguf, tokenizer.json; "" = the engine's model's)
+    tokenizer: str = ""  # the model's tokenizer for the gateway (.gguf, tokenizer.json, HF folder; "" = the engine
+    # model's or the bundled one; "none": the backends template and tokenise, prompts pass through as text)
     route_policy: str = "prefix+load"  # round-robin | least-loaded | prefix | prefix+load
     prefix_block_tokens: int = 16  # tokens per hashed block of the router's prefix index
     prefix_index_blocks: int = 65536  # per backend, at most (and at most its KV cache, when it says)

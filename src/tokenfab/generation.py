@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 # Below this a temperature is greedy: logits / T overflows float32 long before T reaches 1e-38, and
 # at 1e-5 the softmax already puts all its mass on the argmax (vLLM uses the same threshold).
@@ -72,6 +73,28 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
 
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    """A prompt for a backend to template and tokenise itself, when the gateway has no tokenizer for its model."""
+
+    text: str | None = None  # a completion prompt ...
+    messages: tuple[dict[str, Any], ...] | None = None  # ... or a chat's messages (role, content)
+    max_tokens_given: bool = True  # False: the client set no limit; the backend's own default applies
+
+    def upper_bound_tokens(self) -> int:
+        """At most this many prompt tokens: every token of a byte-level or byte-fallback vocabulary covers at
+        least one byte, and a chat template adds fewer than 32 tokens per message (plus 32)."""
+        if self.messages is not None:
+            return sum(len(str(m.get("content", "")).encode()) + 32 for m in self.messages) + 32
+        return len((self.text or "").encode()) + 2  # BOS and a leading-space token at most
+
+    def routing_key(self) -> str:
+        """The prompt as one string whose prefixes are shared exactly when the prompts' prefixes are."""
+        if self.messages is not None:
+            return "".join(f"<{m.get('role')}>{m.get('content', '')}" for m in self.messages)
+        return self.text or ""
 
 
 class RequestError(ValueError):

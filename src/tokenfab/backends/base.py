@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tokenfab.generation import RequestOutput, SamplingParams
+from tokenfab.generation import RequestOutput, SamplingParams, TextPrompt
 from tokenfab.step_model import StepTimeModel
 
 
@@ -25,6 +25,7 @@ class Capabilities:
     """What a backend can honour; the gateway refuses (400, naming the field) what it cannot."""
 
     local_tokenizer: bool = False  # prompts can be counted and templated in the gateway's process
+    text_prompts: bool = False  # takes prompts as text or chat messages and templates and tokenises them itself
     tools: bool = False
     json_schema: bool = False
     logprobs: bool = False
@@ -121,10 +122,13 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                 priority: int = 0, tier: str | None = None) -> AsyncIterator[RequestOutput]:
+                 priority: int = 0, tier: str | None = None,
+                 text: TextPrompt | None = None) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs; closing the iterator early aborts the request. `priority`: lower
-        runs first (the tier's rank); `tier`: the tier's name, for backends that route by it. Raises
-        `BackendError` for a failure of the backend's own."""
+        runs first (the tier's rank); `tier`: the tier's name, for backends that route by it; `text`:
+        instead of `prompt_ids` (then empty), a prompt for a backend that templates and tokenises
+        itself (only where `capabilities.text_prompts`). Raises `BackendError` for a failure of the
+        backend's own."""
 
     @abc.abstractmethod
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:

@@ -17,7 +17,7 @@ from tokenfab.engine.async_engine import AsyncEngine
 from tokenfab.engine.config import EngineConfig
 from tokenfab.engine.llm_engine import LLMEngine
 from tokenfab.engine.scheduler import TierClass
-from tokenfab.generation import RequestOutput, SamplingParams
+from tokenfab.generation import RequestOutput, SamplingParams, TextPrompt
 
 
 def tier_policy(tiers: TierTable | None) -> tuple[TierClass, ...] | None:
@@ -50,7 +50,10 @@ class EmbeddedBackend(Backend):
         self.kv_cache_tokens = core.block_manager.num_blocks * core.config.block_size
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                 priority: int = 0, tier: str | None = None) -> AsyncIterator[RequestOutput]:
+                 priority: int = 0, tier: str | None = None,
+                 text: TextPrompt | None = None) -> AsyncIterator[RequestOutput]:
+        if text is not None:
+            raise ValueError("the embedded engine takes token ids; the gateway tokenises with its tokenizer")
         return self.engine.generate(prompt_ids, params, request_id, priority)
 
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:

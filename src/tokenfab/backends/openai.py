@@ -38,7 +38,7 @@ from tokenfab.backends.base import (
     ModelInfo,
     PromptTokenizer,
 )
-from tokenfab.generation import RequestError, RequestMetering, RequestOutput, SamplingParams
+from tokenfab.generation import RequestError, RequestMetering, RequestOutput, SamplingParams, TextPrompt
 
 log = logging.getLogger("tokenfab.backends.openai")
 
@@ -132,7 +132,7 @@ class OpenAIBackend(Backend):
         self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
         self.info = ModelInfo(name=model or "?", max_model_len=max_model_len)
         self._configured_len = max_model_len
-        self.capabilities = Capabilities(local_tokenizer=tokenizer is not None, trust=trust)
+        self.capabilities = Capabilities(local_tokenizer=tokenizer is not None, text_prompts=True, trust=trust)
         self.energy = EnergyInfo(power.label if power else "none", False)
         self.max_num_seqs = 0
         self.max_num_batched_tokens = 0
@@ -249,7 +249,7 @@ class OpenAIBackend(Backend):
             self.vocab_size = int(card.get("vocab_size") or meta.get("n_vocab") or 0)
         self.info = ModelInfo(name=self.model, max_model_len=length, synthetic=bool(card.get("synthetic", False)),
                               source=f"{self.kind} at {self.url}")
-        self.capabilities = Capabilities(local_tokenizer=self.tokenizer is not None,
+        self.capabilities = Capabilities(local_tokenizer=self.tokenizer is not None, text_prompts=True,
                                          priority="priority" in EXTENSIONS[self.kind], trust=self.trust)
         self.discovered = True
 
@@ -337,12 +337,21 @@ class OpenAIBackend(Backend):
                 raise RequestError(f"'{field}' is not supported by this model's server ({self.kind})")
 
     # --- generation ----------------------------------------------------------------------------
-    def _body(self, prompt_ids: list[int], params: SamplingParams, priority: int) -> dict[str, Any]:
+    def _body(self, prompt_ids: list[int], params: SamplingParams, priority: int,
+              text: TextPrompt | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": self.model, "prompt": prompt_ids, "max_tokens": params.max_tokens,
+            "model": self.model, "max_tokens": params.max_tokens,
             "temperature": 0.0 if params.greedy else params.temperature, "top_p": params.top_p,
             "stream": True, "stream_options": {"include_usage": True},
         }
+        if text is None:
+            body["prompt"] = prompt_ids
+        elif text.messages is not None:
+            body["messages"] = list(text.messages)
+        else:
+            body["prompt"] = text.text
+        if text is not None and not text.max_tokens_given:
+            del body["max_tokens"]  # the server's own default: the rest of its context
         if params.seed is not None:
             body["seed"] = params.seed
         if params.stop:
@@ -374,14 +383,15 @@ class OpenAIBackend(Backend):
         self._busy_since = now
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                       priority: int = 0, tier: str | None = None) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, tier: str | None = None,
+                       text: TextPrompt | None = None) -> AsyncIterator[RequestOutput]:
         arrival = time.monotonic()
         self._account(arrival)
         self.in_flight += 1
         self._share_s[request_id], self._share_j[request_id] = 0.0, 0.0
         started = False
         try:
-            async for out in self._stream(prompt_ids, params, request_id, priority, arrival):
+            async for out in self._stream(prompt_ids, params, request_id, priority, arrival, text):
                 started = True
                 yield out
             self.completed += 1
@@ -396,15 +406,16 @@ class OpenAIBackend(Backend):
             self._share_j.pop(request_id, None)
 
     async def _stream(self, prompt_ids: list[int], params: SamplingParams, rid: str, priority: int,
-                      arrival: float) -> AsyncIterator[RequestOutput]:
-        body = self._body(prompt_ids, params, priority)
+                      arrival: float, text: TextPrompt | None = None) -> AsyncIterator[RequestOutput]:
+        body = self._body(prompt_ids, params, priority, text)
+        path = "/chat/completions" if text is not None and text.messages is not None else "/completions"
         times: list[float] = []
         finish: str | None = None
         usage: dict[str, Any] | None = None
         cached_hint = 0
         for attempt in (0, 1):  # a connection the server closed while idle fails before any byte: once more
             try:
-                async with self.client.stream("POST", self.url + "/completions", json=body) as r:
+                async with self.client.stream("POST", self.url + path, json=body) as r:
                     if r.status_code != 200:
                         raise self._http_error(r.status_code, (await r.aread())[:2000])
                     async for line in r.aiter_lines():
@@ -428,13 +439,15 @@ class OpenAIBackend(Backend):
                         if isinstance(timings, dict) and timings.get("cache_n") is not None:
                             cached_hint = int(timings["cache_n"])
                         for ch in obj.get("choices") or []:
-                            text = ch.get("text") or ""
+                            delta = ch.get("text")
+                            if delta is None and isinstance(ch.get("delta"), dict):  # a chat chunk
+                                delta = ch["delta"].get("content")
                             if ch.get("finish_reason"):
                                 finish = ch["finish_reason"]
-                            if text:
+                            if delta:
                                 now = time.monotonic()
                                 times.append(now)
-                                yield RequestOutput(rid, (), text, False, None, len(prompt_ids), len(times),
+                                yield RequestOutput(rid, (), delta, False, None, len(prompt_ids), len(times),
                                                     0, now)
                 break
             except (httpx.RemoteProtocolError, httpx.ConnectError, httpx.ReadError, httpx.WriteError,

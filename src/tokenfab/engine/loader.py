@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from tokenfab.engine.config import SMOLLM2_135M, EngineConfig, ModelArgs
-from tokenfab.tokenizer import TextTokenizer, from_gguf_fields, synthetic_tokenizer
+from tokenfab.tokenizer import TextTokenizer, from_gguf_fields, from_hf_folder, synthetic_tokenizer
 
 log = logging.getLogger("tokenfab.engine")
 
@@ -240,7 +240,6 @@ def load_gguf(path: Path, config: EngineConfig, name: str, expect_sha_prefix: st
 # --- Hugging Face folder --------------------------------------------------------------------------
 def load_hf_folder(path: Path, config: EngineConfig) -> LoadedModel:
     from safetensors.torch import load_file
-    from tokenizers import Tokenizer
 
     cfg = json.loads((path / "config.json").read_text())
     model_type = cfg.get("model_type", "llama")
@@ -282,36 +281,7 @@ def load_hf_folder(path: Path, config: EngineConfig) -> LoadedModel:
             key = f"model.layers.{i}.{src}"
             if key in raw:
                 w[f"layers.{i}.{dst}"] = raw[key]
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    tcfg = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").is_file() else {}
-
-    def tok_str(v: object) -> str:
-        return v.get("content", "") if isinstance(v, dict) else (v or "")  # type: ignore[return-value]
-
-    eos_ids: set[int] = set()
-    eos_cfg = cfg.get("eos_token_id")
-    gen = path / "generation_config.json"
-    if gen.is_file():
-        eos_cfg = json.loads(gen.read_text()).get("eos_token_id", eos_cfg)
-    for e in eos_cfg if isinstance(eos_cfg, list) else [eos_cfg]:
-        if e is not None:
-            eos_ids.add(int(e))
-    eos_tok = tok_str(tcfg.get("eos_token"))
-    if eos_tok and tok.token_to_id(eos_tok) is not None:
-        eos_ids.add(tok.token_to_id(eos_tok))
-    bos_tok = tok_str(tcfg.get("bos_token"))
-    template = tcfg.get("chat_template")
-    if isinstance(template, list):  # named templates: take the default
-        template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
-    tokenizer = TextTokenizer(
-        tok,
-        template,
-        eos_ids,
-        bos_token=bos_tok,
-        eos_token=eos_tok,
-        add_bos=bool(tcfg.get("add_bos_token", False)),
-        bos_token_id=tok.token_to_id(bos_tok) if bos_tok else None,
-    )
+    tokenizer = from_hf_folder(path)
     return LoadedModel(
         name=path.name.lower(),
         args=args,

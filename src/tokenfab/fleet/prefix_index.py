@@ -30,6 +30,21 @@ def block_hashes(token_ids: list[int], block_tokens: int = 16, max_blocks: int =
     return out
 
 
+TEXT_BLOCK_BYTES = 64  # for prompts the gateway cannot tokenise: blocks of UTF-8 bytes instead
+
+
+def text_block_hashes(text: str, block_bytes: int = TEXT_BLOCK_BYTES, max_blocks: int = MAX_BLOCKS) -> list[bytes]:
+    """Chained hashes of a prompt's text in blocks of bytes, for a backend that tokenises itself: prompts that
+    share a prefix of text share these hashes as they would share tokens."""
+    raw = text.encode("utf-8", "surrogatepass")
+    out: list[bytes] = []
+    prev = b""
+    for i in range(min(len(raw) // block_bytes, max_blocks)):
+        prev = blake2b(prev + raw[i * block_bytes:(i + 1) * block_bytes], digest_size=16).digest()
+        out.append(prev)
+    return out
+
+
 class PrefixIndex:
     """One backend's recently routed blocks, an LRU bounded at `capacity_blocks` entries."""
 

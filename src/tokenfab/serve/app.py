@@ -36,7 +36,7 @@ from tokenfab.backends.base import Backend, BackendError, NoBackendAvailable
 from tokenfab.config import Settings, legacy_ledger_hint
 from tokenfab.economics.cost import request_cost_usd
 from tokenfab.economics.tiers import Tier
-from tokenfab.generation import RequestError, RequestOutput, SamplingParams
+from tokenfab.generation import RequestError, RequestOutput, SamplingParams, TextPrompt
 from tokenfab.ledger.keeper import LeaseKeeper, Progress
 from tokenfab.ledger.store import Ledger, Principal, UsageRecord
 from tokenfab.ledger.writer import LedgerWriter
@@ -51,6 +51,7 @@ log = logging.getLogger("tokenfab.serve")
 _Req = TypeVar("_Req", CompletionRequest, ChatRequest)
 USAGE_MAX_LIMIT = 10_000
 HEAVY_BODY_BYTES = 256 * 1024  # bodies from this size on are parsed one at a time ...
+PASSTHROUGH_BYTES_PER_TOKEN = 16  # sizes the body cap when the gateway has no tokenizer to say
 INLINE_TOKENISE_CHARS = 1024  # text up to this long is tokenised on the event loop (tens of us)
 HEAVY_BODY_PAUSE_S = 0.010  # ... each followed by this long for the engine thread (a decode step or more)
 
@@ -78,9 +79,15 @@ class Ctx:
     received_s: float | None = None  # when the server began reading the request (monotonic)
     delivered: int = 0  # completion tokens handed to the client so far
     backend: str | None = None  # where it was sent, once known
+    prompt_known: bool = True  # False: `prompt_tokens` is an upper bound (a text prompt, counted by the backend)
+
+    @property
+    def billable_prompt_tokens(self) -> int:
+        """What a cut-off request's prompt is billed at before the backend has counted it: never a guess above."""
+        return self.prompt_tokens if self.prompt_known else 0
 
     def price_so_far_usd(self) -> float:
-        return charge_usd(self.tier, self.prompt_tokens, self.delivered)
+        return charge_usd(self.tier, self.billable_prompt_tokens, self.delivered)
 
 
 def charge_usd(tier: Tier, prompt_tokens: int, completion_tokens: int) -> float:
@@ -97,19 +104,18 @@ class Gateway:
         self.metrics = metrics
         self.energy_source = backend.energy.source
         self.tiers = settings.tiers
-        if backend.tokenizer is None:
-            raise ValueError(f"the gateway needs the model's tokenizer; {type(backend).__name__} {backend.name} "
-                             "has none (give one with --tokenizer)")
+        if backend.tokenizer is None and not backend.capabilities.text_prompts:
+            raise ValueError(f"{type(backend).__name__} {backend.name} has no tokenizer and takes no text prompts")
         self.admission = Admission(settings.tiers, backend.step_model, backend.max_num_batched_tokens,
                                    settings.admission.tier_queue_limit, settings.admission.admission_slack,
                                    enabled=settings.admission.tier_scheduling)
-        self.tokenizer = backend.tokenizer
+        self.tokenizer = backend.tokenizer  # None: the backends template and tokenise (prompts pass through as text)
         self.model_name = settings.server.served_model_name or backend.info.name
         self.created = int(time.time())
         self.max_model_len = backend.info.max_model_len
-        self.max_token_bytes = self.tokenizer.max_token_bytes
-        self.max_body_bytes = settings.server.max_body_bytes or auto_body_bytes(self.max_model_len,
-                                                                                 self.max_token_bytes)
+        self.max_token_bytes = self.tokenizer.max_token_bytes if self.tokenizer is not None else None
+        self.max_body_bytes = settings.server.max_body_bytes or auto_body_bytes(
+            self.max_model_len, self.max_token_bytes or PASSTHROUGH_BYTES_PER_TOKEN)
         self._heavy = asyncio.Lock()
         # templating and tokenising (the tokenizer releases the GIL), and the ledger, each on threads of their own;
         # tokenising runs at a lower CPU priority than the engine, so a long prompt arriving slows no live stream
@@ -197,6 +203,8 @@ class Gateway:
     def bound_text(self, texts: list[str], max_tokens: int | None, param: str) -> None:
         """Refuse text that cannot fit, before tokenising it: no token stands for more than
         `max_token_bytes` bytes, so n bytes are at least n / max_token_bytes tokens."""
+        if self.max_token_bytes is None:  # no tokenizer: the backend checks the length itself
+            return
         nbytes = sum(len(t.encode("utf-8")) for t in texts)
         at_least = math.ceil(nbytes / self.max_token_bytes)
         if at_least + (max_tokens or 1) > self.max_model_len:
@@ -234,10 +242,13 @@ class Gateway:
                         headers={"Retry-After": str(retry_s)})
 
     async def admit(self, request: Request, principal: Principal, prompt_ids: list[int], params: SamplingParams,
-                    param: str, prefix: str) -> Ctx:
+                    param: str, prefix: str, text: TextPrompt | None = None) -> Ctx:
+        """A text prompt (no tokenizer here) is judged by the most tokens it can be (admission, the budget's
+        reservation) and the fewest (whether it fits: the backend refuses what does not)."""
         tier = self.tier_of(principal)
+        n_prompt = len(prompt_ids) if text is None else text.upper_bound_tokens()
         try:
-            self.backend.check_request(len(prompt_ids), params)
+            self.backend.check_request(len(prompt_ids) if text is None else 1, params)
         except RequestError as exc:
             self.metrics.rejections.labels(tier.name, "too_long").inc()
             raise APIError(400, str(exc), param=param, code="context_length_exceeded") from None
@@ -248,27 +259,28 @@ class Gateway:
             raise self._reject(tier.name, "overloaded", f"server overloaded: {in_flight} requests "
                                f"in flight (limit {limit})", max(1, round(step_ms * 64 / 1000)))
         # checked and counted in one step: no other request can be judged between the two
-        rej = self.admission.admit(tier, len(prompt_ids))
+        rej = self.admission.admit(tier, n_prompt)
         if rej is not None:
             raise self._reject(tier.name, rej.reason, rej.message, rej.retry_after_s)
         predicted = self.admission.last_prediction_s
         try:
             rid = prefix + uuid.uuid4().hex
-            worst = tier.price_usd(len(prompt_ids), params.max_tokens)
+            worst = tier.price_usd(n_prompt, params.max_tokens)
             if principal.key_id is None and principal.tenant not in self._ensured:
                 await self._on(self._db, self.ledger.ensure_tenant, principal.tenant)
                 self._ensured.add(principal.tenant)  # tenants are never deleted: once is enough
             ok = await self._write(self.ledger.reserve_in, rid, principal.tenant, tier.name, self.model_name,
-                                worst, len(prompt_ids))
+                                worst, n_prompt)
             if not ok:
-                raise await self._budget_error(principal, tier, len(prompt_ids), params.max_tokens, worst)
+                raise await self._budget_error(principal, tier, n_prompt, params.max_tokens, worst)
         except BaseException:
-            self.admission.withdraw(tier.name, len(prompt_ids))
+            self.admission.withdraw(tier.name, n_prompt)
             raise
         self.metrics.in_flight.labels(tier.name).inc()
         self.metrics.queued.labels(tier.name).inc()
-        ctx = Ctx(rid, principal, tier, len(prompt_ids), params.max_tokens, time.monotonic(),
-                  predicted_ttft_s=predicted, received_s=getattr(request.state, "received_s", None))
+        ctx = Ctx(rid, principal, tier, n_prompt, params.max_tokens, time.monotonic(),
+                  predicted_ttft_s=predicted, received_s=getattr(request.state, "received_s", None),
+                  prompt_known=text is None)
         self.live[rid] = ctx
         return ctx
 
@@ -290,7 +302,7 @@ class Gateway:
     def _record(self, ctx: Ctx, last: RequestOutput | None, status: str, error: str | None) -> UsageRecord:
         m = last.metering if last is not None else None
         tier, model = ctx.tier, self.model_name
-        prompt = last.prompt_tokens if last else ctx.prompt_tokens
+        prompt = last.prompt_tokens if last else ctx.billable_prompt_tokens
         completion = last.completion_tokens if last else ctx.delivered
         price = 0.0 if status == "failed" else charge_usd(tier, prompt, completion)  # the engine's failure: free
         mc = self.settings.meter
@@ -392,13 +404,13 @@ class Gateway:
                 self._end(ctx, rec)
 
     async def run(self, request: Request, prompt_ids: list[int], params: SamplingParams, ctx: Ctx,
-                  stream: bool, include_usage: bool, fmt: type[Format]) -> Response:
+                  stream: bool, include_usage: bool, fmt: type[Format], text: TextPrompt | None = None) -> Response:
         """Stream or collect the backend's outputs. The first output is awaited before any header is sent,
         so that a request no backend could start gets a real status (503, 502, ...), not a 200 with an
         error inside, and a fleet can retry it elsewhere unseen."""
         rid = ctx.rid
         priority = ctx.tier.rank if self.settings.admission.tier_scheduling else 0
-        agen = self._metered(ctx, self.backend.generate(prompt_ids, params, rid, priority, ctx.tier.name))
+        agen = self._metered(ctx, self.backend.generate(prompt_ids, params, rid, priority, ctx.tier.name, text))
         f = fmt(rid, self.model_name)
         try:
             first = await until_disconnect(request, _first_output(agen))
@@ -524,20 +536,25 @@ class Gateway:
             prompt = prompt[0]
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         params = self.sampling(req, max_tokens)
-        if isinstance(prompt, str):
+        text = None
+        if isinstance(prompt, str) and self.tokenizer is None:
+            if not prompt:
+                raise APIError(400, "the prompt is empty: give at least one token of input", param="prompt")
+            ids, text = [], TextPrompt(text=prompt)
+        elif isinstance(prompt, str):
             self.bound_text([prompt], max_tokens, "prompt")
             ids = await self._tokenise(self.tokenizer.encode, prompt, len(prompt))
         else:
             if len(prompt) + max_tokens > self.max_model_len:
                 raise self._too_long(f"{len(prompt)} prompt tokens + max_tokens {max_tokens} were requested", "prompt")
             vocab = self.backend.vocab_size
-            bad = [t for t in prompt if not 0 <= t < vocab]
+            bad = [t for t in prompt if not 0 <= t < vocab] if vocab else [t for t in prompt if t < 0]
             if bad:
                 raise APIError(400, f"prompt token ids must be in [0, {vocab}); got {str(bad[0])[:40]}", param="prompt")
             ids = list(prompt)
-        if not ids:
+        if not ids and text is None:
             raise APIError(400, "the prompt is empty: give at least one token of input", param="prompt")
-        return await self.serve(request, principal, req, ids, params, "prompt", "cmpl-", CompletionFormat)
+        return await self.serve(request, principal, req, ids, params, "prompt", "cmpl-", CompletionFormat, text)
 
     async def chat(self, request: Request) -> Response:
         request.state.received_s = time.monotonic()
@@ -549,6 +566,11 @@ class Gateway:
             raise APIError(400, "tool calling is not supported by this model's server", param="tools")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if self.tokenizer is None:  # the backend templates and tokenises; its usage counts the prompt
+            text = TextPrompt(messages=tuple(messages), max_tokens_given=limit is not None)
+            max_tokens = limit if limit is not None else max(1, self.max_model_len - 1)
+            return await self.serve(request, principal, req, [], self.sampling(req, max_tokens), "messages",
+                                    "chatcmpl-", ChatFormat, text)
         self.bound_text([m["content"] for m in messages], limit, "messages")
         try:
             ids = await self._tokenise(self.tokenizer.encode_chat, messages, sum(len(m["content"]) for m in messages))
@@ -560,10 +582,11 @@ class Gateway:
         return await self.serve(request, principal, req, ids, params, "messages", "chatcmpl-", ChatFormat)
 
     async def serve(self, request: Request, principal: Principal, req: CompletionRequest | ChatRequest,
-                    ids: list[int], params: SamplingParams, param: str, prefix: str, fmt: type[Format]) -> Response:
-        ctx = await self.admit(request, principal, ids, params, param, prefix)
+                    ids: list[int], params: SamplingParams, param: str, prefix: str, fmt: type[Format],
+                    text: TextPrompt | None = None) -> Response:
+        ctx = await self.admit(request, principal, ids, params, param, prefix, text)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self.run(request, ids, params, ctx, req.stream, include_usage, fmt)
+        return await self.run(request, ids, params, ctx, req.stream, include_usage, fmt, text)
 
 
 async def _first_output(agen: AsyncIterator[RequestOutput]) -> RequestOutput:
