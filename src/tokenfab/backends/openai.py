@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 
 from tokenfab.backends.base import (
@@ -129,7 +130,7 @@ class OpenAIBackend(Backend):
         self.trust = trust
         self.metrics_interval_s = metrics_interval_s
         self.health_interval_s = health_interval_s
-        self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
         self.info = ModelInfo(name=model or "?", max_model_len=max_model_len)
         self._configured_len = max_model_len
         self.capabilities = Capabilities(local_tokenizer=tokenizer is not None, text_prompts=True, trust=trust)
@@ -148,7 +149,7 @@ class OpenAIBackend(Backend):
         self.tpot_ewma_s: float | None = None
         self.completed = 0
         self.failed = 0
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
         self._busy_since = 0.0  # for the energy split: when the in-flight count last changed
         self._share_j: dict[str, float] = {}  # request id -> joules attributed so far
@@ -158,12 +159,15 @@ class OpenAIBackend(Backend):
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    async def open(self) -> None:
+    def _session(self) -> aiohttp.ClientSession:
         # llama-server closes its connection after every streamed response though it advertises keep-alive:
         # a pooled connection then fails the next request, so it gets none
-        keepalive = 0 if self.kind == "llamacpp" else 64
-        self._client = httpx.AsyncClient(timeout=self.timeout, headers=self._headers(),
-                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=keepalive))
+        return aiohttp.ClientSession(
+            headers=self._headers(), timeout=aiohttp.ClientTimeout(total=self.timeout_s, connect=self.connect_timeout_s),
+            connector=aiohttp.TCPConnector(limit=0, force_close=self.kind == "llamacpp"))
+
+    async def open(self) -> None:
+        self._client = self._session()
         await self.check_health()
         self._tasks = [asyncio.create_task(self._health_loop(), name=f"health {self.name}")]
         if self.metrics_interval_s > 0:
@@ -178,38 +182,39 @@ class OpenAIBackend(Backend):
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping
                 pass
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
 
     @property
-    def client(self) -> httpx.AsyncClient:
+    def client(self) -> aiohttp.ClientSession:
         if self._client is None:
             raise RuntimeError(f"backend {self.name} is not open")
         return self._client
 
     async def discover(self) -> None:
         """Read the server's model card: its model name, kind and context length."""
-        r = await self.client.get(self.url + "/models", timeout=self.timeout.connect or 2.0)
-        r.raise_for_status()
-        card = self._pick_card(r.json())
+        quick = aiohttp.ClientTimeout(total=max(2.0, self.connect_timeout_s))
+        async with self.client.get(self.url + "/models", timeout=quick) as r:
+            r.raise_for_status()
+            card = self._pick_card(await r.json(content_type=None))
         props: dict[str, Any] = {}
         if self._kind_of(card) == "llamacpp":
             try:
-                props = (await self.client.get(self.root + "/props")).json()
-            except (httpx.HTTPError, ValueError):
+                async with self.client.get(self.root + "/props", timeout=quick) as r:
+                    props = await r.json(content_type=None)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
                 pass
         kind_was = self.kind
         self._apply_card(card, props)
-        if kind_was == "auto" and self.kind == "llamacpp":  # a fresh client without keep-alive (see open)
+        if kind_was == "auto" and self.kind == "llamacpp":  # a fresh session without keep-alive (see _session)
             old = self._client
-            self._client = httpx.AsyncClient(timeout=self.timeout, headers=self._headers(),
-                                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
+            self._client = self._session()
             if old is not None:
-                await old.aclose()
+                await old.close()
 
     def discover_sync(self) -> bool:
         """`discover` from outside any event loop (the gateway is built before its loop runs); False if down."""
         try:
-            with httpx.Client(timeout=self.timeout.connect or 2.0, headers=self._headers()) as c:
+            with httpx.Client(timeout=max(2.0, self.connect_timeout_s), headers=self._headers()) as c:
                 card = self._pick_card(c.get(self.url + "/models").raise_for_status().json())
                 props: dict[str, Any] = {}
                 if self._kind_of(card) == "llamacpp":
@@ -257,11 +262,12 @@ class OpenAIBackend(Backend):
         try:
             if not self.discovered:
                 await self.discover()
-            r = await self.client.get(self.root + "/health", timeout=self.timeout.connect or 2.0)
-            ok = r.status_code == 200
-            if not ok:
-                self.last_error = f"GET /health answered {r.status_code}"
-        except (httpx.HTTPError, BackendError, ValueError, KeyError) as exc:
+            async with self.client.get(self.root + "/health",
+                                       timeout=aiohttp.ClientTimeout(total=max(2.0, self.connect_timeout_s))) as r:
+                ok = r.status == 200
+                if not ok:
+                    self.last_error = f"GET /health answered {r.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, BackendError, ValueError, KeyError) as exc:
             ok = False
             self.last_error = f"{type(exc).__name__}: {exc}"
         if ok and not self.healthy:
@@ -282,16 +288,18 @@ class OpenAIBackend(Backend):
             if not self.healthy:
                 continue
             try:
-                r = await self.client.get(self.root + "/metrics", timeout=max(1.0, self.metrics_interval_s * 5))
-            except httpx.HTTPError:
+                async with self.client.get(self.root + "/metrics", timeout=aiohttp.ClientTimeout(
+                        total=max(1.0, self.metrics_interval_s * 5))) as r:
+                    status, body = r.status, await r.text()
+            except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError):
                 continue
-            if r.status_code == 404 or (r.status_code == 501 and self.kind == "llamacpp"):
+            if status == 404 or (status == 501 and self.kind == "llamacpp"):
                 log.info("backend %s has no /metrics: its load is what the gateway observes", self.name)
                 self._has_metrics = False
                 return
-            if r.status_code != 200:
+            if status != 200:
                 continue
-            found = parse_load_metrics(r.text)
+            found = parse_load_metrics(body)
             hits, queries = _first(found, "hits"), _first(found, "queries")
             if hits is not None and queries is not None:
                 if self._prev_hits is not None and queries > self._prev_hits[1]:
@@ -415,15 +423,16 @@ class OpenAIBackend(Backend):
         cached_hint = 0
         for attempt in (0, 1):  # a connection the server closed while idle fails before any byte: once more
             try:
-                async with self.client.stream("POST", self.url + path, json=body) as r:
-                    if r.status_code != 200:
-                        raise self._http_error(r.status_code, (await r.aread())[:2000])
-                    async for line in r.aiter_lines():
+                async with self.client.post(self.url + path, json=body) as r:
+                    if r.status != 200:
+                        raise self._http_error(r.status, (await r.read())[:2000])
+                    async for raw in r.content:
+                        line = raw.decode("utf-8", "replace").rstrip("\r\n")
                         if not line.startswith("data:"):
                             continue
                         data = line[5:].strip()
                         if data == "[DONE]":
-                            break
+                            continue  # read on to the end of the body, so the connection can be reused
                         try:
                             obj = json.loads(data)
                         except ValueError:
@@ -450,9 +459,9 @@ class OpenAIBackend(Backend):
                                 yield RequestOutput(rid, (), delta, False, None, len(prompt_ids), len(times),
                                                     0, now)
                 break
-            except (httpx.RemoteProtocolError, httpx.ConnectError, httpx.ReadError, httpx.WriteError,
-                    httpx.ConnectTimeout, httpx.ReadTimeout, httpx.PoolTimeout) as exc:
-                first_byte_lost = isinstance(exc, httpx.RemoteProtocolError) and not times and usage is None
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                # a pooled connection the server had closed while idle fails before any byte comes back
+                first_byte_lost = isinstance(exc, aiohttp.ServerDisconnectedError) and not times and usage is None
                 if first_byte_lost and attempt == 0:
                     continue
                 raise BackendError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=not times,
