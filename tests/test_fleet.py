@@ -168,8 +168,8 @@ def test_a_worker_killed_under_load_loses_no_request_that_had_not_started_and_co
                         else:
                             text += obj["choices"][0]["text"]
                             streaming.set()
-        except httpx.HTTPError as exc:
-            err = f"client: {exc}"
+        except Exception as exc:  # noqa: BLE001 - httpcore's sync stream can trip on a connection closed under it
+            err = f"client: {exc!r}"
         return status, text, err
 
     member = next(m for m in fleet.members if m.name == victim_name)
@@ -192,7 +192,10 @@ def test_a_worker_killed_under_load_loses_no_request_that_had_not_started_and_co
         assert statuses == [200] * len(results), results  # nothing refused: the other worker took them
         cut = [r for r in results if r[2] is not None]
         whole = [r for r in results if r[2] is None]
-        assert all(victim_name in (err or "") or "generation failed" in (err or "") for _, _, err in cut)
+        # a cut stream ends with an error event that names the dead worker (or, mid-stream, the client saw
+        # its connection end); it had started, so it was not retried: nothing was sent twice
+        assert all(victim_name in err or "generation failed" in err or (err.startswith("client:") and text)
+                   for _, text, err in cut), cut
         assert len(whole) >= len(results) - 4  # at most the victim's running batch (4 streams) was cut
         assert fleet.retried + len(cut) >= 1  # the victim had work when it died
         assert all(len(text) > 0 for _, text, _ in whole)
