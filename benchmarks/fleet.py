@@ -96,7 +96,7 @@ async def one(client: httpx.AsyncClient, url: str, system: str, question: str, m
                     if ch.get("finish_reason"):
                         ok = True
     except httpx.HTTPError as exc:
-        return {"ok": False, "status": 0, "start": start, "error": str(exc)}
+        return {"ok": False, "status": 0, "start": start, "error": repr(exc)}
     end = time.perf_counter()
     return {"ok": ok and first is not None, "status": 200, "start": start, "end": end, "rid": rid,
             "ttft_s": (first - start) if first else None, "prompt": usage.get("prompt_tokens", 0),

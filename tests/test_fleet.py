@@ -91,6 +91,13 @@ def test_the_openai_client_works_through_the_fleet_streamed_or_not(gateway):
     assert "Red" in text and chunks[-1].usage.completion_tokens == 12
     c = client.completions.create(model=MODEL, prompt="The capital of Italy is", max_tokens=4, temperature=0)
     assert c.usage.prompt_tokens == 5 and record(gateway, c.id)["completion_tokens"] == c.usage.completion_tokens
+    # per-backend metrics: one label value per member, never a tenant
+    text = httpx.get(gateway.base_url + "/metrics").text
+    for m in gateway.backend.members:
+        assert f'tokenfab_backend_up{{backend="{m.name}"}} 1.0' in text
+    served = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("tokenfab_backend_requests_total{") and 'status="completed"' in line)
+    assert served >= 3 and "fleet-tests" not in text
 
 
 def test_budgets_and_keys_hold_over_the_fleet(gateway):

@@ -126,6 +126,10 @@ class Gateway:
         self._ensured: set[str] = set()  # keyless tenants known to exist in the ledger
         self.keeper = LeaseKeeper(ledger, self.progress, settings.ledger.checkpoint_interval_s)
         self._openapi = openapi_document(self.model_name)
+        members = getattr(backend, "members", None)  # a fleet: per-backend metrics
+        self.fleet_members = members
+        if members is not None:
+            metrics.watch_fleet(lambda: [(m.name, m.backend.healthy, m.backend.load()) for m in members])
 
     def start(self) -> None:
         self.keeper.start()
@@ -346,6 +350,10 @@ class Gateway:
             mt.tpot.labels(*lab).observe(rec.tpot_ms / 1000)
         if rec.e2e_ms is not None:
             mt.e2e.labels(*lab).observe(rec.e2e_ms / 1000)
+        if self.fleet_members is not None and rec.backend:
+            mt.backend_requests.labels(rec.backend, rec.status).inc()
+            if rec.ttft_ms is not None:
+                mt.backend_ttft.labels(rec.backend).observe(rec.ttft_ms / 1000)
 
     def _mark_started(self, ctx: Ctx, first_token: bool = False) -> None:
         if not ctx.started:
