@@ -10,7 +10,7 @@ import pytest
 from tokenfab.backends.base import Backend, Capabilities, LoadSnapshot, ModelInfo
 from tokenfab.config import ConfigError, load_settings
 from tokenfab.fleet.prefix_index import PrefixIndex, block_hashes
-from tokenfab.fleet.router import Member, Router
+from tokenfab.fleet.router import Member, Router, Weights
 
 
 class LoadedBackend(Backend):
@@ -110,6 +110,17 @@ def test_pools_in_the_config_file(tmp_path):
             load_settings(str(bad), env={})
     with pytest.raises(ConfigError, match="route_policy"):
         load_settings(None, {"route_policy": "fastest"}, env={})
+    with pytest.raises(ConfigError, match="route_weights"):
+        load_settings(None, {"route_weights": "2,2"}, env={})
+
+
+def test_route_weights_trade_affinity_against_load():
+    hashes = block_hashes(PROMPT)
+    ms = members(LoadedBackend("holder", in_flight=2), LoadedBackend("idle"))
+    ms[0].index.insert(hashes)
+    assert Router("prefix+load").rank(ms, hashes)[0].member.name == "holder"  # 3 (prefix) + 2 > 2 + 2
+    heavy_queue = Router("prefix+load", Weights.parse("4,2,3"))
+    assert heavy_queue.rank(ms, hashes)[0].member.name == "idle"  # 4 + 2 > 3 + 2
 
 
 def test_a_pool_takes_only_its_tiers_and_an_unhealthy_member_takes_nothing():

@@ -101,6 +101,7 @@ class FleetConfig:
     tokenizer: str = ""  # the model's tokenizer for the gateway (.gguf, tokenizer.json, HF folder; "" = the engine
     # model's or the bundled one; "none": the backends template and tokenise, prompts pass through as text)
     route_policy: str = "prefix+load"  # round-robin | least-loaded | prefix | prefix+load
+    route_weights: str = "2,2,3"  # prefix+load's weights: queue, KV cache free, prefix (llm-d's defaults)
     prefix_block_tokens: int = 16  # tokens per hashed block of the router's prefix index
     prefix_index_blocks: int = 65536  # per backend, at most (and at most its KV cache, when it says)
     metrics_interval_s: float = 0.1  # how often each backend's /metrics is read (0: never; observed load only)
@@ -298,6 +299,13 @@ def load_settings(path: str | None = None, cli: dict[str, Any] | None = None, en
 
     if fc.route_policy not in POLICIES:
         raise ConfigError(f"route_policy {fc.route_policy!r} is not one of {', '.join(POLICIES)}")
+    try:
+        weights = [float(w) for w in fc.route_weights.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != 3 or any(not (w >= 0) for w in weights):
+        raise ConfigError(f"route_weights must be three weights >= 0 (queue, KV cache free, prefix), got "
+                          f"{fc.route_weights!r}")
     if fc.prefix_block_tokens < 1 or fc.prefix_index_blocks < 1 or fc.workers < 0 or fc.worker_threads < 1:
         raise ConfigError("prefix_block_tokens and prefix_index_blocks must be >= 1, workers >= 0, worker_threads >= 1")
     if fc.health_interval_s <= 0 or fc.metrics_interval_s < 0:

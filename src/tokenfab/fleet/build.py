@@ -9,7 +9,7 @@ from tokenfab.backends.openai import OpenAIBackend, PowerModel
 from tokenfab.config import PoolConfig, Settings
 from tokenfab.fleet.fleet import FleetBackend
 from tokenfab.fleet.prefix_index import PrefixIndex
-from tokenfab.fleet.router import Member, Router
+from tokenfab.fleet.router import Member, Router, Weights
 from tokenfab.fleet.workers import LocalWorkers
 from tokenfab.tokenizer import load_tokenizer
 
@@ -65,7 +65,7 @@ def build_fleet(settings: Settings) -> FleetBackend:
                 members.append(Member(b, pool.name, PrefixIndex(blocks), frozenset(pool.tiers)))
         model = settings.server.served_model_name or next(
             (m.backend.model for m in members if m.backend.discovered), "") or members[0].backend.model or "model"
-        fleet = FleetBackend(members, Router(f.route_policy), tokenizer, model, settings.engine.max_model_len,
+        fleet = FleetBackend(members, Router(f.route_policy, Weights.parse(f.route_weights)), tokenizer, model, settings.engine.max_model_len,
                              f.prefix_block_tokens, f.health_interval_s)
     except BaseException:
         for w in started:

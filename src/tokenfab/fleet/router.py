@@ -30,6 +30,12 @@ class Weights:
     kv: float = 2.0
     prefix: float = 3.0
 
+    @classmethod
+    def parse(cls, text: str) -> Weights:
+        """From "queue,kv,prefix", e.g. "2,2,3"."""
+        q, kv, prefix = (float(w) for w in text.split(","))
+        return cls(q, kv, prefix)
+
 
 @dataclass(frozen=True)
 class Saturation:
