@@ -379,3 +379,62 @@ def test_without_a_tokenizer_prompts_pass_through_as_text_and_usage_counts_them(
         assert too_long.status_code == 400  # the backend's own refusal, passed on as the client's error
     finally:
         s.stop()
+
+
+class DeviceMeter:
+    """A DCGM exporter's /metrics on loopback, its energy counter rising at WATTS (no GPU here to read)."""
+
+    WATTS = 50.0
+
+    def __init__(self) -> None:
+        import http.server
+
+        start = time.monotonic()
+        watts = self.WATTS
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                mj = (time.monotonic() - start) * watts * 1000 + 1e9  # since "boot"
+                body = (f'# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter\n'
+                        f'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{{gpu="0",UUID="GPU-x"}} {mj:.0f}\n').encode()
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a) -> None:  # noqa: ANN002
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_a_device_meter_gives_measured_joules_split_across_the_requests_in_flight(workers, tmp_path):
+    meter = DeviceMeter()
+    s = LiveServer(fleet_settings([workers.workers[0].url], tmp_path / "l.db", backend_energy_url=meter.url), None)
+    try:
+        key = s.ledger.create_key("metered", "standard")[1]
+        b = s.backend.members[0].backend
+        deadline = time.monotonic() + 10
+        while b.measured_watts is None and time.monotonic() < deadline:  # two readings make a power
+            time.sleep(0.1)
+        assert b.measured_watts == pytest.approx(DeviceMeter.WATTS, rel=0.2)
+        client = OpenAI(base_url=s.base_url + "/v1", api_key=key)
+        with cf.ThreadPoolExecutor(2) as pool:  # two at once: each is attributed about half the power
+            rs = list(pool.map(lambda i: client.completions.create(
+                model=MODEL, prompt=f"Count to ten, take {i}:", max_tokens=40, temperature=0,
+                extra_body={"ignore_eos": True}), range(2)))
+        recs = [record_of(s, "metered", r.id) for r in rs]
+        for rec in recs:
+            assert rec["energy_source"] == f"dcgm:{meter.url}"
+            assert 0 < rec["joules"] <= DeviceMeter.WATTS * 1.3 * rec["e2e_ms"] / 1000
+        both = sum(r["joules"] for r in recs)
+        span = max(r["e2e_ms"] for r in recs) / 1000
+        assert both == pytest.approx(DeviceMeter.WATTS * span, rel=0.35)  # the meter's energy over the span
+    finally:
+        s.stop()
+        meter.stop()

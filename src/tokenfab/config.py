@@ -108,6 +108,7 @@ class FleetConfig:
     health_interval_s: float = 1.0  # how often each backend's /health is checked
     backend_idle_watts: float = 0.0  # the power model of each backend's device: idle draw (not attributed)
     backend_busy_watts: float = 0.0  # ... and draw while serving, split across its requests (0: no energy model)
+    backend_energy_url: str = ""  # the backends' devices' meter (a DCGM exporter's /metrics): measured joules
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class PoolConfig:
     trust: str = "external"  # local: inside the factory's walls; external: someone else's server
     idle_watts: float = 0.0
     busy_watts: float = 0.0
+    energy_url: str = ""  # the devices' meter: a DCGM exporter's /metrics (measured; else the power model)
 
 
 POOL_KEYS = {f.name for f in dataclasses.fields(PoolConfig)}
@@ -151,7 +153,8 @@ def pools_from_list(data: Any, where: str, tiers: TierTable) -> tuple[PoolConfig
                 name=str(item["name"]), backends=tuple(str(b).strip() for b in backends),
                 workers=int(item.get("workers", 0)), kind=str(item.get("kind", "auto")), model=str(item.get("model", "")),
                 tiers=pool_tiers, trust=str(item.get("trust", "external")),
-                idle_watts=float(item.get("idle_watts", 0.0)), busy_watts=float(item.get("busy_watts", 0.0)))
+                idle_watts=float(item.get("idle_watts", 0.0)), busy_watts=float(item.get("busy_watts", 0.0)),
+                energy_url=str(item.get("energy_url", "")))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{at}: {exc}") from None
         if not pool.backends and pool.workers < 1:
@@ -186,7 +189,7 @@ class Settings:
             return ()
         trust = "local" if f.workers and not urls else "external"
         return (PoolConfig("default", urls, f.workers, f.backend_kind, f.upstream_model, (), trust,
-                           f.backend_idle_watts, f.backend_busy_watts),)
+                           f.backend_idle_watts, f.backend_busy_watts, f.backend_energy_url),)
 
 
 SECTIONS = {"server": ServerConfig, "engine": EngineConfig, "ledger": LedgerConfig, "meter": MeterConfig,

@@ -12,8 +12,10 @@ llama.cpp's with `--metrics`; a tokenfab worker uses vLLM's), polled in the back
 what the gateway observes itself: its own requests in flight, and recent TTFT and TPOT. A
 background health check (`GET /health`) brings a backend back after a failure ejected it.
 
-Energy comes from a labelled power model of the device (`PowerModel`, idle and busy watts): while
-the device is busy, its busy power is split evenly across the requests in flight at each moment.
+Energy comes from the device's own meter where the pool names one (`energy_url`: a DCGM exporter's
+`/metrics`, whose energy counter gives the power over each second it is read), else from a labelled
+power model (`PowerModel`, idle and busy watts). While the device serves, that power (less the
+idle draw) is split evenly across the requests in flight at each moment.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ LOAD_METRICS = {
 }
 _WANTED = tuple({n for names in LOAD_METRICS.values() for n in names})
 EWMA = 0.2
+# a device meter's Prometheus names: NVIDIA DCGM's energy counter (millijoules since boot, summed over the
+# exporter's GPUs) or, failing that, its power gauge (watts)
+ENERGY_COUNTER_MJ = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
+POWER_GAUGE_W = "DCGM_FI_DEV_POWER_USAGE"
+ENERGY_INTERVAL_S = 1.0  # DCGM's default update period
 
 
 @dataclass(frozen=True)
@@ -78,18 +85,18 @@ class PowerModel:
         return f"model:{self.idle_watts:g}-{self.busy_watts:g}W"
 
 
-def parse_load_metrics(text: str) -> dict[str, float]:
+def parse_load_metrics(text: str, wanted: tuple[str, ...] = _WANTED) -> dict[str, float]:
     """The load metrics in a Prometheus text exposition, summed over label sets. Only lines that start with
     a wanted name are split (a vLLM exposition is mostly histogram buckets, and this runs every 100 ms)."""
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if not line.startswith(_WANTED):
+        if not line.startswith(wanted):
             continue
         brace = line.find("{")
         space = line.find(" ")
         end = brace if 0 <= brace < space or (brace >= 0 and space < 0) else space
         name = line[:end]
-        if name not in _WANTED:
+        if name not in wanted:
             continue
         rest = line[line.rfind("}") + 1:] if brace >= 0 else line[end:]
         try:
@@ -111,7 +118,9 @@ def _first(found: dict[str, float], key: str) -> float | None:
 class OpenAIBackend(Backend):
     def __init__(self, url: str, *, name: str = "", model: str = "", kind: str = "auto", api_key: str = "",
                  tokenizer: PromptTokenizer | None = None, max_model_len: int = 0, vocab_size: int = 0,
-                 power: PowerModel | None = None, trust: str = "external", metrics_interval_s: float = 0.1,
+                 power: PowerModel | None = None, energy_url: str = "", idle_watts: float = 0.0,
+                 trust: str = "external",
+                 metrics_interval_s: float = 0.1,
                  health_interval_s: float = 1.0, connect_timeout_s: float = 2.0, timeout_s: float = 600.0) -> None:
         """`url`: the server's OpenAI base URL (ending in /v1); `model`: its model name ("" = the first it
         lists); `tokenizer`: the model's tokenizer, if the gateway has it (prompts are sent as its ids)."""
@@ -127,6 +136,10 @@ class OpenAIBackend(Backend):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.power = power
+        self.energy_url = energy_url
+        self.idle_watts = idle_watts  # subtracted from a measured power: the draw the device has anyway
+        self.measured_watts: float | None = None  # from the device's meter, once two readings are in
+        self._energy_prev: tuple[float, float] | None = None  # (monotonic time, millijoules)
         self.trust = trust
         self.metrics_interval_s = metrics_interval_s
         self.health_interval_s = health_interval_s
@@ -134,7 +147,8 @@ class OpenAIBackend(Backend):
         self.info = ModelInfo(name=model or "?", max_model_len=max_model_len)
         self._configured_len = max_model_len
         self.capabilities = Capabilities(local_tokenizer=tokenizer is not None, text_prompts=True, trust=trust)
-        self.energy = EnergyInfo(power.label if power else "none", False)
+        self.energy = (EnergyInfo(f"dcgm:{energy_url}", True) if energy_url else
+                       EnergyInfo(power.label if power else "none", False))
         self.max_num_seqs = 0
         self.max_num_batched_tokens = 0
         self.healthy = False  # until the first check passes
@@ -172,6 +186,8 @@ class OpenAIBackend(Backend):
         self._tasks = [asyncio.create_task(self._health_loop(), name=f"health {self.name}")]
         if self.metrics_interval_s > 0:
             self._tasks.append(asyncio.create_task(self._metrics_loop(), name=f"metrics {self.name}"))
+        if self.energy_url:
+            self._tasks.append(asyncio.create_task(self._energy_loop(), name=f"energy {self.name}"))
 
     async def aclose(self) -> None:
         for t in self._tasks:
@@ -311,6 +327,27 @@ class OpenAIBackend(Backend):
                 self._hit_rate = _first(found, "hit_rate")
             self._scraped, self._scraped_at = found, time.monotonic()
 
+    async def _energy_loop(self) -> None:
+        """Read the device's meter: power = the energy counter's rise over the time between readings."""
+        wanted = (ENERGY_COUNTER_MJ, POWER_GAUGE_W)
+        while True:
+            try:
+                async with self.client.get(self.energy_url, timeout=aiohttp.ClientTimeout(total=5.0)) as r:
+                    found = parse_load_metrics(await r.text(), wanted) if r.status == 200 else {}
+            except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError):
+                found = {}
+            now = time.monotonic()
+            if ENERGY_COUNTER_MJ in found:
+                mj = found[ENERGY_COUNTER_MJ]
+                if self._energy_prev is not None and now > self._energy_prev[0] and mj >= self._energy_prev[1]:
+                    self._account(now)  # the time before this reading at the power measured before it
+                    self.measured_watts = (mj - self._energy_prev[1]) / 1000 / (now - self._energy_prev[0])
+                self._energy_prev = (now, mj)
+            elif POWER_GAUGE_W in found:
+                self._account(now)
+                self.measured_watts = found[POWER_GAUGE_W]
+            await asyncio.sleep(ENERGY_INTERVAL_S)
+
     # --- load and health -----------------------------------------------------------------------
     def load(self) -> LoadSnapshot:
         s = self._scraped
@@ -384,7 +421,10 @@ class OpenAIBackend(Backend):
         if self.in_flight and self._share_s:
             dt = now - self._busy_since
             each_s = dt / len(self._share_s)
-            watts = self.power.busy_watts if self.power else 0.0
+            if self.energy_url:
+                watts = max(0.0, (self.measured_watts or 0.0) - self.idle_watts)
+            else:
+                watts = self.power.busy_watts if self.power else 0.0
             for rid in self._share_s:
                 self._share_s[rid] += each_s
                 self._share_j[rid] += each_s * watts
@@ -484,7 +524,8 @@ class OpenAIBackend(Backend):
             self.tpot_ewma_s = tpot if self.tpot_ewma_s is None else (1 - EWMA) * self.tpot_ewma_s + EWMA * tpot
         joules, device_s, source = self._share_j.get(rid, 0.0), self._share_s.get(rid, 0.0), self.energy.source
         reported = (usage or {}).get("tokenfab_energy")  # a tokenfab worker's own attribution
-        if self.power is None and isinstance(reported, dict) and reported.get("joules") is not None:
+        if (self.power is None and not self.energy_url and isinstance(reported, dict)
+                and reported.get("joules") is not None):
             joules, device_s = float(reported["joules"]), float(reported.get("device_s") or device_s)
             source = f"worker:{reported.get('source', '?')}"
         metering = RequestMetering(

@@ -38,7 +38,8 @@ def member_backend(pool: PoolConfig, url: str, settings: Settings, tokenizer: An
     power = PowerModel(pool.idle_watts, pool.busy_watts) if pool.busy_watts > 0 else None
     host = url.split("://", 1)[-1].split("/", 1)[0]
     return OpenAIBackend(url, name=f"{pool.name}/{host}", model=pool.model, kind=pool.kind, tokenizer=tokenizer,
-                         power=power, trust=pool.trust, metrics_interval_s=f.metrics_interval_s,
+                         power=power, energy_url=pool.energy_url, idle_watts=pool.idle_watts, trust=pool.trust,
+                         metrics_interval_s=f.metrics_interval_s,
                          health_interval_s=f.health_interval_s)
 
 
