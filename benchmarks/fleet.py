@@ -36,7 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from tokenfab.engine.config import EngineConfig  # noqa: E402
-from tokenfab.fleet.workers import LocalWorkers, free_port  # noqa: E402
+from tokenfab.fleet.workers import LocalWorkers, free_port, wait_healthy  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 POLICIES = ("round-robin", "least-loaded", "prefix", "prefix+load")
@@ -148,16 +148,7 @@ def run_policy(policy: str, args: argparse.Namespace, plan: list, ctxs: list[str
                                "--log-level", "warning", "--admission-slack", "1000", "--tier-queue-limit", "100000"],
                               stdout=open(logs / f"gw-{port}.log", "w"), stderr=subprocess.STDOUT, cwd=ROOT)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if gw.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"gateway did not start: {(logs / f'gw-{port}.log').read_text()[-800:]}")
-            time.sleep(0.2)
+        wait_healthy(url, gw, 60, logs / f"gw-{port}.log")
         results = asyncio.run(drive(url, plan, ctxs, args.output_tokens))
         health = httpx.get(url + "/health", timeout=5).json()
         routed = {m["name"]: m["routed"] for m in health["fleet"]["members"]}

@@ -21,7 +21,7 @@ from tokenfab.config import AdmissionConfig, FleetConfig, LedgerConfig, ServerCo
 from tokenfab.engine.config import EngineConfig
 from tokenfab.engine.loader import bundled_gguf_path
 from tokenfab.fleet.router import Router
-from tokenfab.fleet.workers import LocalWorkers
+from tokenfab.fleet.workers import LocalWorkers, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
@@ -255,15 +255,7 @@ def llama_server(tmp_path_factory):
                              "--host", "127.0.0.1", "--port", str(port), "-c", "4096", "-np", "4", "-t", "1",
                              "--metrics"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "llama-server did not start"
-        time.sleep(0.2)
+    wait_healthy(url, proc, 60)
     yield url + "/v1"
     proc.terminate()
     proc.wait(10)
@@ -319,18 +311,10 @@ def test_serve_with_workers_starts_routes_to_and_stops_its_own_workers(tmp_path)
     env = {**os.environ, "TOKENFAB_LEDGER_URL": f"sqlite:///{tmp_path / 'l.db'}", "TMPDIR": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-m", "tokenfab.cli", "serve", "--port", str(port), "--workers", "2",
                              "--max-model-len", "1024", "--kv-cache-gb", "0.1", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                            stdout=open(tmp_path / "gateway.log", "wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
-            time.sleep(0.3)
+        wait_healthy(url, proc, 180, tmp_path / "gateway.log")
         members = httpx.get(url + "/health").json()["fleet"]["members"]
         assert len(members) == 2 and all(m["healthy"] and m["kind"] == "tokenfab" for m in members)
         worker_ports = [int(m["url"].rsplit(":", 1)[1].split("/")[0]) for m in members]

@@ -192,11 +192,18 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         uvicorn.Config(app, host=settings.server.host, port=settings.server.port, log_level=settings.server.log_level)
     )
 
+    return _run_beside_engine(server, backend, f"tokenfab: serving {app.state.gateway.model_name}{label} on "
+                              f"http://{settings.server.host}:{settings.server.port}/v1; ledger: {_shown(ledger.url)}")
+
+
+def _run_beside_engine(server: typing.Any, backend: typing.Any, banner: str) -> int:
+    """The HTTP server on a thread of its own, the backend (an engine loop) on the main thread; a signal
+    stops the server, and a stopped server (or one that failed to bind) stops the backend."""
     def serve_http() -> None:
         try:
             server.run()
         finally:
-            backend.shutdown()  # the HTTP server is gone (stopped, or failed to bind): stop the engine too
+            backend.shutdown()
 
     def on_signal(signum: int, frame: object) -> None:
         server.should_exit = True
@@ -205,12 +212,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     http = threading.Thread(target=serve_http, name="tokenfab-http")
     http.start()
-    print(
-        f"tokenfab: serving {app.state.gateway.model_name}{label} on http://{settings.server.host}:{settings.server.port}/v1"
-        f"; ledger: {_shown(ledger.url)}",
-        flush=True,
-    )
-    backend.run()  # the engine loop owns the main thread
+    print(banner, flush=True)
+    backend.run()
     http.join()
     return 0 if server.started else 1
 
@@ -239,24 +242,8 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
                                            log_level="warning"))
 
-    def serve_http() -> None:
-        try:
-            server.run()
-        finally:
-            backend.shutdown()
-
-    def on_signal(signum: int, frame: object) -> None:
-        server.should_exit = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    http = threading.Thread(target=serve_http, name="tokenfab-http")
-    http.start()
-    print(f"tokenfab worker: {app.state.worker.model_name} on http://{settings.server.host}:{settings.server.port}/v1",
-          flush=True)
-    backend.run()
-    http.join()
-    return 0 if server.started else 1
+    return _run_beside_engine(server, backend, f"tokenfab worker: {app.state.worker.model_name} on "
+                              f"http://{settings.server.host}:{settings.server.port}/v1")
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:

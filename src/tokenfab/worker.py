@@ -146,15 +146,7 @@ class Worker:
 
     async def completions(self, request: Request) -> Response:
         req = await self._read(request, WorkerCompletionRequest)
-        for name, bad in (("echo", req.echo), ("logprobs", req.logprobs), ("suffix", req.suffix),
-                          ("best_of", req.best_of not in (None, 1))):
-            if bad:
-                raise APIError(400, f"'{name}' is not supported by this worker", param=name)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise APIError(400, "send one prompt per request", param="prompt")
-            prompt = prompt[0]
+        prompt = req.single_prompt()
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         else:

@@ -13,21 +13,26 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
+from collections.abc import Iterable
 from hashlib import blake2b
 
 MAX_BLOCKS = 256  # blocks looked at per prompt (llm-d: 256 of 16 tokens)
 
 
-def block_hashes(token_ids: list[int], block_tokens: int = 16, max_blocks: int = MAX_BLOCKS) -> list[bytes]:
-    """Chained hashes of the prompt's full blocks (a partial last block is not cacheable and is left out)."""
+def _chained(blocks: Iterable[bytes]) -> list[bytes]:
+    """Block i's hash covers blocks 0..i: each hashes the previous one with its own bytes."""
     out: list[bytes] = []
     prev = b""
-    n = min(len(token_ids) // block_tokens, max_blocks)
-    for i in range(n):
-        block = array("q", token_ids[i * block_tokens:(i + 1) * block_tokens]).tobytes()
+    for block in blocks:
         prev = blake2b(prev + block, digest_size=16).digest()
         out.append(prev)
     return out
+
+
+def block_hashes(token_ids: list[int], block_tokens: int = 16, max_blocks: int = MAX_BLOCKS) -> list[bytes]:
+    """Chained hashes of the prompt's full blocks (a partial last block is not cacheable and is left out)."""
+    n = min(len(token_ids) // block_tokens, max_blocks)
+    return _chained(array("q", token_ids[i * block_tokens:(i + 1) * block_tokens]).tobytes() for i in range(n))
 
 
 TEXT_BLOCK_BYTES = 64  # for prompts the gateway cannot tokenise: blocks of UTF-8 bytes instead
@@ -37,12 +42,8 @@ def text_block_hashes(text: str, block_bytes: int = TEXT_BLOCK_BYTES, max_blocks
     """Chained hashes of a prompt's text in blocks of bytes, for a backend that tokenises itself: prompts that
     share a prefix of text share these hashes as they would share tokens."""
     raw = text.encode("utf-8", "surrogatepass")
-    out: list[bytes] = []
-    prev = b""
-    for i in range(min(len(raw) // block_bytes, max_blocks)):
-        prev = blake2b(prev + raw[i * block_bytes:(i + 1) * block_bytes], digest_size=16).digest()
-        out.append(prev)
-    return out
+    n = min(len(raw) // block_bytes, max_blocks)
+    return _chained(raw[i * block_bytes:(i + 1) * block_bytes] for i in range(n))
 
 
 class PrefixIndex:

@@ -37,6 +37,24 @@ def engine_flags(engine: Any) -> list[str]:
     return out
 
 
+def wait_healthy(root_url: str, proc: subprocess.Popen, timeout_s: float = READY_TIMEOUT_S,
+                 log_path: Path | None = None) -> None:
+    """Wait until the server at `root_url` answers GET /health with 200; raise (with its log's tail) if
+    its process exits first or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-600:] if log_path else ""
+            raise RuntimeError(f"{root_url}: the server exited ({proc.returncode}) {tail}")
+        try:
+            if httpx.get(root_url + "/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{root_url} was not ready in {timeout_s:.0f} s" + (f" (log: {log_path})" if log_path else ""))
+
+
 @dataclasses.dataclass
 class WorkerProcess:
     url: str  # the worker's OpenAI base URL
@@ -75,18 +93,7 @@ class LocalWorkers:
         return [w.url for w in self.workers]
 
     def wait_ready(self, w: WorkerProcess, timeout_s: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if w.proc.poll() is not None:
-                tail = w.log_path.read_text(errors="replace")[-600:]
-                raise RuntimeError(f"worker on port {w.port} exited ({w.proc.returncode}): {tail}")
-            try:
-                if httpx.get(f"http://{self.host}:{w.port}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"worker on port {w.port} was not ready in {timeout_s:.0f} s (log: {w.log_path})")
+        wait_healthy(w.url[:-3], w.proc, timeout_s, w.log_path)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         for w in self.workers:

@@ -532,16 +532,7 @@ class Gateway:
         request.state.received_s = time.monotonic()
         principal = await self.principal(request)
         req = await self.read_request(request, CompletionRequest)
-        for name, bad in (("echo", req.echo), ("logprobs", req.logprobs), ("suffix", req.suffix),
-                          ("best_of", req.best_of not in (None, 1))):
-            if bad:
-                raise APIError(400, f"'{name}' is not supported by this server", param=name)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise APIError(400, f"a batch of {len(prompt)} prompts is not supported: send one prompt per request",
-                               param="prompt")
-            prompt = prompt[0]
+        prompt = req.single_prompt()
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         params = self.sampling(req, max_tokens)
         text = None

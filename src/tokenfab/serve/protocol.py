@@ -82,6 +82,20 @@ class CompletionRequest(_Common):
     suffix: str | None = None
     best_of: int | None = None
 
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt (text or token ids) to serve; a 400 for a batch or a field no server here honours."""
+        for name, bad in (("echo", self.echo), ("logprobs", self.logprobs), ("suffix", self.suffix),
+                          ("best_of", self.best_of not in (None, 1))):
+            if bad:
+                raise APIError(400, f"'{name}' is not supported by this server", param=name)
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise APIError(400, f"a batch of {len(prompt)} prompts is not supported: send one prompt per request",
+                               param="prompt")
+            return prompt[0]  # type: ignore[return-value]
+        return prompt  # type: ignore[return-value]
+
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
